@@ -1,0 +1,440 @@
+"""Configuration: frozen dataclasses, loaded once by the CLI.
+
+`load_config(path)` reads YAML, applies `ROUTERD_*` environment overrides and validates every
+key; a problem raises `ConfigError` naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+BACKENDS = ("auto", "llama-server", "llamafile", "llama-cpp-python", "command")
+DEFAULT_CORS = (
+    "http://localhost",
+    "https://localhost",
+    "http://localhost:*",
+    "https://localhost:*",
+    "http://127.0.0.1",
+    "https://127.0.0.1",
+    "http://127.0.0.1:*",
+    "https://127.0.0.1:*",
+    "http://[::1]",
+    "http://[::1]:*",
+    "app://*",
+    "file://*",
+)
+
+
+class ConfigError(ValueError):
+    def __init__(self, key: str, message: str, file: str | None = None) -> None:
+        self.key, self.file = key, file
+        where = f"{file}: " if file else ""
+        super().__init__(f"config error: {where}{key}: {message}")
+
+
+# ---------------------------------------------------------------- durations and sizes
+
+_DURATION_RE = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any, key: str = "duration") -> float:
+    """Ollama keep_alive semantics: a number is seconds, a string is a Go duration
+    ("5m", "1h30m", "10s"); negative means forever (returned as +inf); 0 means now."""
+    if isinstance(value, bool) or value is None:
+        raise ConfigError(key, f"expected a duration like '5m' or seconds, got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            sign = -1.0 if text.startswith("-") else 1.0
+            body = text.lstrip("+-")
+            pos, seconds = 0, 0.0
+            for m in _DURATION_RE.finditer(body):
+                if m.start() != pos:
+                    break
+                seconds += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+                pos = m.end()
+            if pos != len(body) or not body:
+                raise ConfigError(key, f"invalid duration {value!r} (use e.g. 30s, 5m, 1h, -1)")
+            seconds *= sign
+    else:
+        raise ConfigError(key, f"expected a duration, got {type(value).__name__}")
+    if math.isnan(seconds):
+        raise ConfigError(key, "duration is NaN")
+    return math.inf if seconds < 0 else seconds
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|[KMGT]|B)?\s*$", re.IGNORECASE)
+_SIZE_MULT = {
+    "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+
+
+def parse_size(value: Any, key: str = "size") -> int:
+    """Bytes from an int or a string like '512MiB', '12GiB', '4GB'."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a size, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(key, "size must not be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            return int(float(m.group(1)) * _SIZE_MULT[(m.group(2) or "b").lower()])
+    raise ConfigError(key, f"invalid size {value!r} (use bytes or e.g. 512MiB, 12GiB)")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A budget as a fraction of the total, or as absolute bytes."""
+
+    percent: float | None = None
+    bytes: int | None = None
+
+    def resolve(self, total: int) -> int:
+        if self.bytes is not None:
+            return self.bytes
+        return int(total * (self.percent if self.percent is not None else 100.0) / 100.0)
+
+    @staticmethod
+    def parse(value: Any, key: str) -> Budget:
+        if isinstance(value, str) and value.strip().endswith("%"):
+            try:
+                pct = float(value.strip()[:-1])
+            except ValueError:
+                raise ConfigError(key, f"invalid percentage {value!r}") from None
+            if not 0 < pct <= 100:
+                raise ConfigError(key, "percentage must be in (0, 100]")
+            return Budget(percent=pct)
+        return Budget(bytes=parse_size(value, key))
+
+
+# ---------------------------------------------------------------- dataclasses
+
+
+@dataclass(frozen=True)
+class GpuBudget:
+    index: int
+    budget: Budget
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    ram_budget: Budget = Budget(percent=75.0)
+    gpus: str | tuple[GpuBudget, ...] = "auto"  # "auto" | explicit list | () = none
+    gpu_reserve: int = 512 * 1024**2
+    release_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class EnginesConfig:
+    llama_server: str = "auto"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    api_keys_file: str | None = None
+    exempt_loopback: bool = True
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True)
+class RegistriesConfig:
+    allow: tuple[str, ...] | None = None  # None = any host
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    ollama: bool = True
+    gpt4all: bool = True
+    lmstudio: bool = True
+    huggingface: bool = True
+    llama_cpp: bool = True
+
+
+@dataclass(frozen=True)
+class TimeoutsConfig:
+    load: float = 120.0  # spawn → /health 200
+    stop: float = 10.0  # SIGTERM → SIGKILL
+    drain: float = 30.0  # in-flight requests at stop/shutdown
+    probe_interval: float = 10.0  # liveness probe after ready
+    probe_timeout: float = 5.0
+    request_idle: float = 300.0  # no byte from the engine for this long → fail the request
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    model: str
+    backend: str = "auto"
+    ctx_size: int = 4096
+    parallel: int = 1
+    gpu_layers: int | str = "auto"
+    keep_alive: float | None = None  # None → global default
+    aliases: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+    command: tuple[str, ...] = ()  # backend "command": argv with {port} {host} {model} {api_key}
+    preload: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+    system: str | None = None
+    embeddings: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 11434
+    models_dir: str = "~/.local/share/routerd/models"
+    ollama_models_dir: str | None = None
+    state_dir: str = "~/.local/state/routerd"
+    default_model: str | None = None
+    keep_alive: float = 300.0
+    max_queue: int = 512
+    max_loaded: int = 0
+    max_body: int = 8 * 1024**2
+    memory: MemoryConfig = MemoryConfig()
+    engines: EnginesConfig = EnginesConfig()
+    auth: AuthConfig = AuthConfig()
+    tls: TlsConfig = TlsConfig()
+    registries: RegistriesConfig = RegistriesConfig()
+    discovery: DiscoveryConfig = DiscoveryConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    model_dirs: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = DEFAULT_CORS
+    log_level: str = "info"
+    models: Mapping[str, ModelConfig] = field(default_factory=dict)
+    source: str | None = None  # the file it came from
+
+    def expand(self, p: str) -> Path:
+        return Path(os.path.expandvars(os.path.expanduser(p)))
+
+
+# ---------------------------------------------------------------- parsing
+
+
+class _Reader:
+    """Pulls typed values out of a mapping, naming the dotted key on any error."""
+
+    def __init__(self, data: Mapping[str, Any], prefix: str, known: set[str]) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(prefix or "<root>", "expected a mapping")
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{prefix}{unknown[0]}", "unknown key")
+        self.data, self.prefix = data, prefix
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        if name not in self.data or self.data[name] is None and default is None:
+            return default
+        value = self.data[name]
+        if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise ConfigError(self.key(name), f"expected {names}, got {value!r}")
+        return value
+
+    def positive_int(self, name: str, default: int, minimum: int = 1) -> int:
+        value = self.get(name, int, default)
+        if value < minimum:
+            raise ConfigError(self.key(name), f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    def strings(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.get(name, list, None)
+        if value is None:
+            return default
+        if not all(isinstance(v, str) for v in value):
+            raise ConfigError(self.key(name), "expected a list of strings")
+        return tuple(value)
+
+
+_MODEL_KEYS = {f for f in ModelConfig.__dataclass_fields__ if f != "name"}
+_TOP_KEYS = {f for f in Config.__dataclass_fields__ if f != "source"}
+
+
+def _parse_model(name: str, data: Any, file: str | None) -> ModelConfig:
+    key = f"models.{name}."
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}", name):
+        raise ConfigError(f"models.{name}", "invalid model name", file)
+    try:
+        r = _Reader(data or {}, key, _MODEL_KEYS)
+        backend = r.get("backend", str, "auto")
+        if backend not in BACKENDS:
+            raise ConfigError(r.key("backend"), f"must be one of {', '.join(BACKENDS)}")
+        command = r.strings("command", ())
+        if backend == "command" and not command:
+            raise ConfigError(r.key("command"), "backend 'command' needs a command list")
+        model = r.get("model", str, None)
+        if not model and backend != "command":
+            raise ConfigError(r.key("model"), "required: a .gguf path, a pulled name or a llamafile")
+        gpu_layers = r.get("gpu_layers", (int, str), "auto")
+        if isinstance(gpu_layers, str) and gpu_layers != "auto":
+            raise ConfigError(r.key("gpu_layers"), "must be an integer or 'auto'")
+        keep_alive = None
+        if "keep_alive" in r.data:
+            keep_alive = parse_duration(r.data["keep_alive"], r.key("keep_alive"))
+        aliases = r.strings("aliases", ())
+        return ModelConfig(
+            name=name,
+            model=model or "",
+            backend=backend,
+            ctx_size=r.positive_int("ctx_size", 4096, 16),
+            parallel=r.positive_int("parallel", 1),
+            gpu_layers=gpu_layers,
+            keep_alive=keep_alive,
+            aliases=aliases,
+            args=r.strings("args", ()),
+            command=command,
+            preload=r.get("preload", bool, False),
+            options=dict(r.get("options", dict, {})),
+            system=r.get("system", str, None),
+            embeddings=r.get("embeddings", bool, True),
+        )
+    except ConfigError as e:
+        raise ConfigError(e.key, str(e).split(f"{e.key}: ", 1)[-1], file) from None
+
+
+def parse_config(data: Mapping[str, Any] | None, file: str | None = None) -> Config:
+    data = data or {}
+    try:
+        r = _Reader(data, "", _TOP_KEYS)
+        mem = r.get("memory", dict, {})
+        mr = _Reader(mem, "memory.", {"ram_budget", "gpus", "gpu_reserve", "release_timeout"})
+        gpus_raw = mem.get("gpus", "auto")
+        gpus: str | tuple[GpuBudget, ...]
+        if gpus_raw == "auto":
+            gpus = "auto"
+        elif isinstance(gpus_raw, list):
+            parsed = []
+            for i, g in enumerate(gpus_raw):
+                gr = _Reader(g, f"memory.gpus[{i}].", {"index", "budget"})
+                parsed.append(GpuBudget(gr.positive_int("index", 0, 0),
+                                        Budget.parse(g.get("budget", "100%"), gr.key("budget"))))
+            gpus = tuple(parsed)
+        else:
+            raise ConfigError("memory.gpus", "must be 'auto', [] or a list of {index, budget}")
+        memory = MemoryConfig(
+            ram_budget=Budget.parse(mem.get("ram_budget", "75%"), "memory.ram_budget"),
+            gpus=gpus,
+            gpu_reserve=parse_size(mem.get("gpu_reserve", "512MiB"), "memory.gpu_reserve"),
+            release_timeout=float(mr.get("release_timeout", (int, float), 10.0)),
+        )
+        er = _Reader(r.get("engines", dict, {}), "engines.", {"llama_server"})
+        ar = _Reader(r.get("auth", dict, {}), "auth.", {"api_keys_file", "exempt_loopback"})
+        tr = _Reader(r.get("tls", dict, {}), "tls.", {"cert_file", "key_file"})
+        tls = TlsConfig(tr.get("cert_file", str, None), tr.get("key_file", str, None))
+        if bool(tls.cert_file) != bool(tls.key_file):
+            raise ConfigError("tls", "set both cert_file and key_file, or neither")
+        rr = _Reader(r.get("registries", dict, {}), "registries.", {"allow", "insecure"})
+        allow = rr.strings("allow", ()) if "allow" in rr.data else None
+        dr = _Reader(r.get("discovery", dict, {}), "discovery.",
+                     set(DiscoveryConfig.__dataclass_fields__))
+        tor = _Reader(r.get("timeouts", dict, {}), "timeouts.",
+                      set(TimeoutsConfig.__dataclass_fields__))
+        timeouts = TimeoutsConfig(**{
+            k: parse_duration(tor.data[k], tor.key(k)) for k in tor.data
+        })
+        models_raw = r.get("models", dict, {})
+        models = {name: _parse_model(name, spec, file) for name, spec in models_raw.items()}
+        _check_names(models)
+        default_model = r.get("default_model", str, None)
+        if default_model and models and not any(
+            default_model == m.name or default_model in m.aliases for m in models.values()
+        ) and "/" not in default_model and ":" not in default_model:
+            raise ConfigError("default_model", f"{default_model!r} is not a configured model")
+        host = r.get("host", str, "127.0.0.1")
+        port = r.get("port", int, 11434)
+        if not 0 <= port <= 65535:
+            raise ConfigError("port", f"must be 0..65535, got {port}")
+        return Config(
+            host=host,
+            port=port,
+            models_dir=r.get("models_dir", str, Config.models_dir),
+            ollama_models_dir=r.get("ollama_models_dir", str, None),
+            state_dir=r.get("state_dir", str, Config.state_dir),
+            default_model=default_model,
+            keep_alive=parse_duration(data.get("keep_alive", "5m"), "keep_alive"),
+            max_queue=r.positive_int("max_queue", 512),
+            max_loaded=r.positive_int("max_loaded", 0, 0),
+            max_body=parse_size(data.get("max_body", Config.max_body), "max_body"),
+            memory=memory,
+            engines=EnginesConfig(er.get("llama_server", str, "auto")),
+            auth=AuthConfig(ar.get("api_keys_file", str, None),
+                            ar.get("exempt_loopback", bool, True)),
+            tls=tls,
+            registries=RegistriesConfig(allow, rr.get("insecure", bool, False)),
+            discovery=DiscoveryConfig(**{k: dr.get(k, bool, True) for k in dr.data}),
+            timeouts=timeouts,
+            model_dirs=r.strings("model_dirs", ()),
+            allowed_hosts=r.strings("allowed_hosts", ()),
+            cors_origins=r.strings("cors_origins", DEFAULT_CORS),
+            log_level=r.get("log_level", str, "info"),
+            models=models,
+            source=file,
+        )
+    except ConfigError as e:
+        if e.file is None and file is not None:
+            raise ConfigError(e.key, str(e).split(f"{e.key}: ", 1)[-1], file) from None
+        raise
+
+
+def _check_names(models: Mapping[str, ModelConfig]) -> None:
+    seen: dict[str, str] = {}
+    for m in models.values():
+        for n in (m.name, *m.aliases):
+            if n in seen and seen[n] != m.name:
+                raise ConfigError(f"models.{m.name}.aliases", f"{n!r} is already used by {seen[n]!r}")
+            seen[n] = m.name
+
+
+_ENV_OVERRIDES = {
+    "ROUTERD_MODELS_DIR": "models_dir",
+    "ROUTERD_STATE_DIR": "state_dir",
+    "ROUTERD_KEEP_ALIVE": "keep_alive",
+    "ROUTERD_MAX_QUEUE": "max_queue",
+    "ROUTERD_LOG_LEVEL": "log_level",
+}
+
+
+def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if env is None else env
+    file = str(path) if path else None
+    data: dict[str, Any] = {}
+    if file:
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError("<file>", f"cannot read: {e.strerror}", file) from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("<yaml>", f"not valid YAML: {e}", file) from None
+        if not isinstance(data, dict):
+            raise ConfigError("<root>", "expected a mapping at the top level", file)
+    for var, key in _ENV_OVERRIDES.items():
+        if var in env:
+            raw = env[var]
+            data[key] = int(raw) if key == "max_queue" and raw.isdigit() else raw
+    return parse_config(data, file)

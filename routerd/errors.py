@@ -1,0 +1,87 @@
+"""One error hierarchy carrying HTTP status and a machine code.
+
+Handlers raise these; one middleware renders them in the route's dialect
+(Ollama: {"error": msg}; OpenAI: {"error": {"message", "type", "code"}}).
+"""
+
+from __future__ import annotations
+
+
+class RouterdError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+    type: str = "server_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class BadRequest(RouterdError):
+    status = 400
+    code = "invalid_request"
+    type = "invalid_request_error"
+
+
+class Unauthorized(RouterdError):
+    status = 401
+    code = "invalid_api_key"
+    type = "authentication_error"
+
+
+class Forbidden(RouterdError):
+    status = 403
+    code = "forbidden"
+    type = "permission_error"
+
+
+class ModelNotFound(RouterdError):
+    status = 404
+    code = "model_not_found"
+    type = "not_found_error"
+
+
+class PayloadTooLarge(RouterdError):
+    status = 413
+    code = "payload_too_large"
+    type = "invalid_request_error"
+
+
+class ModelTooLarge(RouterdError):
+    """The model cannot fit even with every idle model evicted."""
+
+    status = 507
+    code = "insufficient_memory"
+    type = "server_error"
+
+
+class QueueFull(RouterdError):
+    status = 503
+    code = "queue_full"
+    type = "server_error"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
+class ModelFailed(RouterdError):
+    """The model crash-looped or failed to load; the message carries the reason."""
+
+    status = 503
+    code = "model_failed"
+    type = "server_error"
+
+
+class UpstreamError(RouterdError):
+    """The engine failed before the first byte of the answer."""
+
+    status = 502
+    code = "upstream_error"
+    type = "server_error"
+
+
+class ShuttingDown(RouterdError):
+    status = 503
+    code = "shutting_down"
+    type = "server_error"

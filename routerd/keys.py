@@ -1,0 +1,17 @@
+"""Typed application state keys, shared by the app factory and the handlers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from .config import Config
+
+CONFIG = web.AppKey("config", Config)
+# The objects below are set by make_app's cleanup_ctx; typed loosely here to avoid import cycles.
+SCHEDULER: web.AppKey[Any] = web.AppKey("scheduler", object)
+CATALOG: web.AppKey[Any] = web.AppKey("catalog", object)
+STORE: web.AppKey[Any] = web.AppKey("store", object)
+HTTP: web.AppKey[Any] = web.AppKey("http_session", object)
+METRICS: web.AppKey[Any] = web.AppKey("metrics", object)
