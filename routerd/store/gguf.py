@@ -172,7 +172,7 @@ def read_gguf(path: str | Path, offset: int = 0) -> GGUFInfo:
                 return _parse(path, buf, offset)
     except GGUFError:
         raise
-    except (struct.error, UnicodeError, OverflowError, MemoryError, IndexError) as e:
+    except (struct.error, UnicodeError, OverflowError, MemoryError, IndexError, RecursionError) as e:
         raise GGUFError(f"{path}: truncated or malformed GGUF ({e})") from None
     except (OSError, ValueError) as e:
         raise GGUFError(f"{path}: cannot read GGUF: {e}") from None
@@ -202,7 +202,8 @@ def _parse(path: str, buf: mmap.mmap, offset: int) -> GGUFInfo:
     align = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
     if not isinstance(align, int) or align <= 0 or align & (align - 1):
         raise GGUFError(f"{path}: invalid general.alignment {align!r}")
-    data_start = -(-h.pos // align) * align
+    # Alignment is relative to the start of the GGUF, not of the file holding it.
+    data_start = offset + -(-(h.pos - offset) // align) * align
     data_end = max((off + t.n_bytes for t, off in raw), default=0)
     size = data_start - offset + -(-data_end // align) * align
     if data_start + data_end > len(buf):
