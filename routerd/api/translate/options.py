@@ -80,7 +80,7 @@ def coerce(key: str, value: Any, kind: str) -> Any:
 def merged_options(body: Mapping[str, Any], defaults: Mapping[str, Any]) -> Mapping[str, Any]:
     """The model's default options overlaid by the request's (request wins)."""
     options = get_object(body, "options")
-    base = defaults.get("options")
+    base: Mapping[str, Any] | None = defaults.get("options")
     if not base:
         return options or {}
     if not options:

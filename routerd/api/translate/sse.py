@@ -31,7 +31,7 @@ class SSEDecoder:
         self._cr = False  # the last read ended with \r: its \n may be next
 
     def feed(self, data: bytes) -> list[str]:
-        if self._cr:
+        if self._cr and data:
             self._cr = False
             if data[:1] == _NL:
                 data = data[1:]  # the second half of a \r\n already counted as a line end
