@@ -40,8 +40,8 @@ if ! ls "$wheel_dir"/llama_cpp_python-*.whl >/dev/null 2>&1; then
 fi
 if ! "$PY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LCP_VERSION')" 2>/dev/null; then
   log "installing llama-cpp-python from $wheel_dir"
-  "$PY" -m pip install -q --no-index --find-links "$wheel_dir" "llama-cpp-python==$LCP_VERSION"
-  "$PY" -m pip install -q numpy jinja2 diskcache typing-extensions
+  # By file path: the package comes from our cached wheel, its pure-Python deps from PyPI.
+  "$PY" -m pip install -q "$wheel_dir"/llama_cpp_python-"$LCP_VERSION"-*.whl
 fi
 
 # 2. llama-server, from the same llama.cpp sources.

@@ -1,0 +1,42 @@
+# routerd: the three fixed entry points.
+#   make install  - set up .venv, routerd, the engines (cached by version) and the default model
+#   make serve    - install, then serve config/routerd.example.yaml on 127.0.0.1:11434
+#   make test     - install, then the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CACHE ?= $(HOME)/.cache/routerd
+MODEL := $(CACHE)/models/SmolLM2-135M-Instruct.Q4_1.gguf
+STAMP := $(VENV)/.routerd-installed
+
+.PHONY: install serve test bench clean system-deps
+
+install: $(STAMP)
+	@bash scripts/setup-engines.sh $(VENV)
+	@test -x $(VENV)/bin/routerd && test -x $(VENV)/bin/llama-server
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip setuptools wheel
+	@$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+serve: install
+	$(VENV)/bin/routerd serve --config config/routerd.example.yaml
+
+# systemd-analyze (Debian package "systemd") verifies the unit file in the tests.
+system-deps:
+	@command -v systemd-analyze >/dev/null 2>&1 || { \
+	  echo "[setup] installing Debian package systemd (for systemd-analyze verify)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq systemd >/dev/null; }
+
+test: install system-deps
+	$(VENV)/bin/pytest -q
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

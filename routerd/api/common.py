@@ -1,0 +1,162 @@
+"""Shared request plumbing: body parsing, dialect-aware error rendering, the engine call."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from .. import keys
+from ..config import ConfigError, parse_duration
+from ..errors import BadRequest, RouterdError, UpstreamError
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OPENAI_PREFIXES = ("/v1/", "/completion", "/tokenize", "/detokenize", "/props", "/health",
+                   "/upstream/", "/slots", "/embedding")
+
+
+def dialect(path: str) -> str:
+    return "openai" if path.startswith(OPENAI_PREFIXES) else "ollama"
+
+
+def error_body(kind: str, err: RouterdError) -> dict[str, Any]:
+    if kind == "openai":
+        return {"error": {"message": err.message, "type": err.type, "code": err.code}}
+    return {"error": err.message}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except RouterdError as e:
+        if e.status >= 500:
+            log.warning("request.failed", path=request.path, status=e.status, error=e.message)
+        return web.json_response(error_body(dialect(request.path), e), status=e.status,
+                                 headers=e.headers)
+    except web.HTTPRequestEntityTooLarge as e:
+        err = RouterdError(f"request body too large ({e.text})")
+        err.status, err.code = 413, "payload_too_large"
+        return web.json_response(error_body(dialect(request.path), err), status=413)
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw:
+        raise BadRequest("missing request body")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"invalid JSON in request body: {e}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body
+
+
+def model_field(body: dict[str, Any], *, default: str | None = None) -> str:
+    model = body.get("model", default)
+    if model is None or model == "":
+        if default:
+            return default
+        raise BadRequest("model is required")
+    if not isinstance(model, str):
+        raise BadRequest("model must be a string")
+    return model
+
+
+def keep_alive_field(body: dict[str, Any]) -> float | None:
+    if "keep_alive" not in body or body["keep_alive"] is None:
+        return None
+    try:
+        return parse_duration(body["keep_alive"], "keep_alive")
+    except ConfigError as e:
+        raise BadRequest(str(e).replace("config error: ", "")) from None
+
+
+@dataclass
+class EngineCall:
+    runner: Any
+    resp: aiohttp.ClientResponse
+    waited: float  # seconds spent waiting for the lease (queue + load)
+    started: float
+
+    @property
+    def load_ns(self) -> int:
+        return int(self.waited * 1e9)
+
+    def total_ns(self) -> int:
+        return int((time.monotonic() - self.started) * 1e9)
+
+
+@contextlib.asynccontextmanager
+async def engine_call(request: web.Request, name: str, path: str, *, body: bytes | None,
+                      keep_alive: float | None = None, method: str = "POST",
+                      query: Any = None, content_type: str = "application/json"
+                      ) -> AsyncIterator[EngineCall]:
+    """Lease a worker for `name` and send it one request. A connection failure before the
+    first byte is retried once on a fresh worker; an engine error status becomes an
+    UpstreamError (5xx) or passes its status through (4xx)."""
+    app = request.app
+    scheduler, session = app[keys.SCHEDULER], app[keys.HTTP]
+    timeouts = app[keys.CONFIG].timeouts
+    started = time.monotonic()
+    for attempt in (1, 2):
+        async with contextlib.AsyncExitStack() as stack:
+            runner = await stack.enter_async_context(scheduler.lease(name, keep_alive=keep_alive))
+            waited = time.monotonic() - started
+            worker = runner.worker
+            headers = dict(worker.auth_headers)
+            if body is not None:
+                headers["Content-Type"] = content_type
+            try:
+                resp = await stack.enter_async_context(session.request(
+                    method, worker.base_url + path, data=body, headers=headers, params=query,
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=10,
+                                                  sock_read=timeouts.request_idle)))
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+                if attempt == 1:
+                    await scheduler.kill_hung(runner, f"request failed before first byte: {e}")
+                    continue
+                raise UpstreamError(f"engine for {name!r} failed: {e}") from None
+            except asyncio.TimeoutError:
+                await scheduler.kill_hung(runner, "no answer within "
+                                          f"{timeouts.request_idle:.0f}s")
+                raise UpstreamError(f"engine for {name!r} did not answer in time") from None
+            if resp.status >= 400:
+                raise await _engine_error(resp, name)
+            yield EngineCall(runner, resp, waited, started)
+            return
+
+
+async def _engine_error(resp: aiohttp.ClientResponse, name: str) -> RouterdError:
+    text = (await resp.text(errors="replace"))[:2000]
+    message = text
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        data = json.loads(text)
+        err = data.get("error", data)
+        message = err.get("message", text) if isinstance(err, dict) else str(err)
+    e = UpstreamError(f"engine error for {name!r}: {message}")
+    if resp.status < 500:
+        e = BadRequest(message)
+        e.status = resp.status
+    return e
+
+
+def note_request(request: web.Request, model: str) -> None:
+    """Let the security layer check a key's model list and metrics label the request."""
+    request["model"] = model
+    checker = request.app.get(MODEL_CHECK)
+    if checker is not None:
+        checker(request, model)
+
+
+MODEL_CHECK: web.AppKey[Callable[[web.Request, str], None]] = web.AppKey("model_check")

@@ -1,0 +1,86 @@
+"""llama.cpp native routes and the /upstream/<model>/<path> pass-through.
+
+The body's (or query's) `model` picks the worker, else `default_model`; the engine's bytes are
+relayed untouched.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from .. import keys
+from ..errors import BadRequest
+from .common import engine_call, keep_alive_field, model_field, note_request
+from .security import upstream_path
+from .streaming import relay_body, relay_sse
+
+
+def _default(request: web.Request) -> str | None:
+    return request.query.get("model") or request.app[keys.CONFIG].default_model
+
+
+async def _native(request: web.Request, path: str) -> web.StreamResponse:
+    raw = await request.read() if request.body_exists else b""
+    body: dict = {}
+    if raw:
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise BadRequest(f"invalid JSON in request body: {e}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("request body must be a JSON object")
+    name = model_field(body, default=_default(request))
+    note_request(request, name)
+    stream = body.get("stream", False) is True
+    method = request.method if request.method in ("GET", "POST") else "POST"
+    async with engine_call(request, name, path, body=raw or None, method=method,
+                           keep_alive=keep_alive_field(body)) as call:
+        if stream:
+            return await relay_sse(request, call)
+        return await relay_body(call)
+
+
+async def completion(request: web.Request) -> web.StreamResponse:
+    return await _native(request, "/completion")
+
+
+async def tokenize(request: web.Request) -> web.StreamResponse:
+    return await _native(request, "/tokenize")
+
+
+async def detokenize(request: web.Request) -> web.StreamResponse:
+    return await _native(request, "/detokenize")
+
+
+async def props(request: web.Request) -> web.StreamResponse:
+    return await _native(request, "/props")
+
+
+async def health(request: web.Request) -> web.Response:
+    """routerd's own health: it is up. (A model's engine health is in /api/ps.)"""
+    return web.json_response({"status": "ok"})
+
+
+async def upstream(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["model"]
+    path = upstream_path(request.match_info.get("path", ""))
+    note_request(request, name)
+    raw = await request.read() if request.body_exists else None
+    ctype = request.headers.get("Content-Type", "application/json")
+    async with engine_call(request, name, path, body=raw, method=request.method,
+                           query=request.query, content_type=ctype) as call:
+        if call.resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+            return await relay_sse(request, call)
+        return await relay_body(call)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/completion", completion)
+    app.router.add_post("/completions", completion)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
+    app.router.add_get("/props", props)
+    app.router.add_get("/health", health)
+    app.router.add_route("*", "/upstream/{model}/{path:.*}", upstream)

@@ -1,0 +1,129 @@
+"""Ollama dialect inference routes: /api/generate, /api/chat, /api/embed, /api/embeddings.
+
+The engines speak OpenAI; requests and answers go through the pure converters in translate/.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from .. import keys
+from ..errors import BadRequest
+from .common import engine_call, keep_alive_field, model_field, note_request, read_json
+from .streaming import relay_translated
+from .translate import ollama as tx
+from .translate import ollama_response as rx
+from .translate.ollama_stream import ChatStream, GenerateStream
+from .translate.sse import encode_ndjson
+
+CHAT_PATH = "/v1/chat/completions"
+
+
+def _stream_flag(body: dict[str, Any]) -> bool:
+    value = body.get("stream", True)
+    if value is None:
+        return True
+    if not isinstance(value, bool):
+        raise BadRequest("stream must be a boolean")
+    return value
+
+
+async def _load_or_unload(request: web.Request, name: str, keep_alive: float | None,
+                          *, chat: bool) -> web.Response:
+    """Nothing to generate: load the model (done_reason "load"), or with keep_alive 0
+    unload it ("unload"), as Ollama does."""
+    scheduler = request.app[keys.SCHEDULER]
+    entry = request.app[keys.CATALOG].resolve(name)
+    if keep_alive == 0:
+        await scheduler.unload(entry.name)
+        return web.json_response(rx.load_response(name, chat=chat, done_reason="unload"))
+    await scheduler.load(entry.name, keep_alive=keep_alive)
+    return web.json_response(rx.load_response(name, chat=chat, done_reason="load"))
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request)
+    name = model_field(body)
+    note_request(request, name)
+    keep_alive = keep_alive_field(body)
+    stream = _stream_flag(body)
+    messages = body.get("messages")
+    if messages is not None and not isinstance(messages, list):
+        raise BadRequest("messages must be a list")
+    if not messages:
+        return await _load_or_unload(request, name, keep_alive, chat=True)
+    entry = request.app[keys.CATALOG].resolve(name)
+    payload = tx.chat_request(body, entry.defaults)
+    payload["model"] = entry.name
+    data = json.dumps(payload).encode()
+    async with engine_call(request, name, CHAT_PATH, body=data, keep_alive=keep_alive) as call:
+        if stream:
+            return await relay_translated(request, call, ChatStream(name), encode_ndjson)
+        answer = await call.resp.json(content_type=None)
+        return web.json_response(rx.chat_response(answer, name, load_ns=call.load_ns,
+                                                  total_ns=call.total_ns()))
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request)
+    name = model_field(body)
+    note_request(request, name)
+    keep_alive = keep_alive_field(body)
+    stream = _stream_flag(body)
+    prompt = body.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise BadRequest("prompt must be a string")
+    if not prompt and not body.get("suffix"):
+        return await _load_or_unload(request, name, keep_alive, chat=False)
+    entry = request.app[keys.CATALOG].resolve(name)
+    path, payload = tx.generate_request(body, entry.defaults)
+    payload["model"] = entry.name
+    data = json.dumps(payload).encode()
+    async with engine_call(request, name, path, body=data, keep_alive=keep_alive) as call:
+        if stream:
+            return await relay_translated(request, call, GenerateStream(name), encode_ndjson)
+        answer = await call.resp.json(content_type=None)
+        return web.json_response(rx.generate_response(answer, name, load_ns=call.load_ns,
+                                                      total_ns=call.total_ns()))
+
+
+async def embed(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    name = model_field(body)
+    note_request(request, name)
+    payload = tx.embed_request(body)
+    payload["model"] = name
+    if not payload["input"]:
+        await request.app[keys.SCHEDULER].load(name, keep_alive=keep_alive_field(body))
+        return web.json_response({"model": name, "embeddings": []})
+    async with engine_call(request, name, "/v1/embeddings", body=json.dumps(payload).encode(),
+                           keep_alive=keep_alive_field(body)) as call:
+        answer = await call.resp.json(content_type=None)
+        return web.json_response(rx.embed_response(
+            answer, name, load_ns=call.load_ns, total_ns=call.total_ns(),
+            dimensions=payload.get("dimensions")))
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    name = model_field(body)
+    note_request(request, name)
+    payload = tx.embeddings_request(body)
+    payload["model"] = name
+    if not payload["input"]:
+        await request.app[keys.SCHEDULER].load(name, keep_alive=keep_alive_field(body))
+        return web.json_response({"embedding": []})
+    async with engine_call(request, name, "/v1/embeddings", body=json.dumps(payload).encode(),
+                           keep_alive=keep_alive_field(body)) as call:
+        answer = await call.resp.json(content_type=None)
+        return web.json_response(rx.embeddings_response(answer))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/api/chat", chat)
+    app.router.add_post("/api/generate", generate)
+    app.router.add_post("/api/embed", embed)
+    app.router.add_post("/api/embeddings", embeddings)

@@ -1,0 +1,58 @@
+"""OpenAI dialect: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models.
+
+The engines speak this dialect already: bodies go through with unknown fields intact and the
+answer's bytes are relayed untouched (no per-chunk JSON parsing).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .. import keys
+from ..errors import BadRequest
+from .common import engine_call, keep_alive_field, model_field, note_request, read_json
+from .streaming import relay_body, relay_sse
+
+
+async def _proxy(request: web.Request, path: str) -> web.StreamResponse:
+    raw = await request.read()
+    body = await read_json(request)  # validated here; the raw bytes are what we send
+    name = model_field(body)
+    note_request(request, name)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("stream must be a boolean")
+    async with engine_call(request, name, path, body=raw,
+                           keep_alive=keep_alive_field(body)) as call:
+        if stream:
+            return await relay_sse(request, call)
+        return await relay_body(call)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _proxy(request, "/v1/chat/completions")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _proxy(request, "/v1/completions")
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    return await _proxy(request, "/v1/embeddings")
+
+
+async def models(request: web.Request) -> web.Response:
+    data = []
+    for e in request.app[keys.CATALOG].entries():
+        created = int(e.modified_at.timestamp()) if e.modified_at else 0
+        data.append({"id": e.name, "object": "model", "created": created,
+                     "owned_by": "routerd", "routerd": {"source": e.source,
+                                                         "aliases": list(e.aliases)}})
+    return web.json_response({"object": "list", "data": data})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/v1/models", models)

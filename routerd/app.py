@@ -1,0 +1,131 @@
+"""The aiohttp application: make_app(config), state in AppKeys, lifecycles in cleanup_ctx."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator, Callable, Iterable
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from . import keys
+from .api import admin, native, ollama, openai
+from .api import models as store_routes
+from .api import security
+from .api.common import MODEL_CHECK, error_middleware
+from .catalog import Catalog, ModelEntry
+from .config import Config
+from .scheduler.accounting import Accountant
+from .scheduler.scheduler import Scheduler
+from .scheduler.supervision import Prober
+from .workers.backends import build_argv, find_llama_server
+from .workers.process import Worker
+from .workers.registry import WorkerRegistry
+
+log = structlog.get_logger(__name__)
+
+ACCOUNTANT: web.AppKey[Accountant] = web.AppKey("accountant", Accountant)
+DISCOVERY: web.AppKey[Callable[[], Iterable[ModelEntry]]] = web.AppKey("discovery")
+
+
+async def http_context(app: web.Application) -> AsyncIterator[None]:
+    """One pooled client session for every worker; no per-request setup."""
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
+    session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+    app[keys.HTTP] = session
+    yield
+    await session.close()
+
+
+async def scheduler_context(app: web.Application) -> AsyncIterator[None]:
+    config = app[keys.CONFIG]
+    session = app[keys.HTTP]
+    llama_server = find_llama_server(config.engines.llama_server)
+    catalog = Catalog(config, store=app.get(keys.STORE), llama_server=llama_server,
+                      discovered=app.get(DISCOVERY))
+    accountant = app.get(ACCOUNTANT) or Accountant(config)
+    registry = WorkerRegistry(config.expand(config.state_dir) / "workers.json")
+    scheduler: Scheduler
+
+    def new_worker(entry: ModelEntry) -> Worker:
+        def build(host: str, port: int, api_key: str):  # type: ignore[no-untyped-def]
+            return build_argv(entry.launch, host=host, port=port, api_key=api_key,
+                              llama_server=llama_server)
+
+        def on_exit(worker: Worker) -> None:
+            registry.forget(worker)
+            scheduler.worker_exited(worker)
+
+        return Worker(entry.name, build, session, on_exit=on_exit, on_spawn=registry.record)
+
+    scheduler = Scheduler(config, catalog, new_worker, accountant,
+                          metrics=app.get(keys.METRICS))
+    app[keys.CATALOG], app[keys.SCHEDULER] = catalog, scheduler
+    metrics = app.get(keys.METRICS)
+    if metrics is not None:
+        for resource, n in accountant.budget().items():
+            metrics.set_budget(resource, n)
+    prober = Prober(scheduler, session, interval=config.timeouts.probe_interval,
+                    timeout=config.timeouts.probe_timeout)
+    prober.start()
+    preload = asyncio.get_running_loop().create_task(scheduler.preload())
+    log.info("routerd.models", count=len(catalog.entries()), llama_server=llama_server,
+             budget=accountant.budget())
+    yield
+    preload.cancel()
+    await asyncio.gather(preload, return_exceptions=True)
+    await prober.stop()
+    await scheduler.close(config.timeouts.drain)
+
+
+async def metrics_context(app: web.Application) -> AsyncIterator[None]:
+    from .metrics import Metrics
+
+    app[keys.METRICS] = Metrics()
+    yield
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    status = 500
+    try:
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    except web.HTTPException as e:
+        status = e.status
+        raise
+    finally:
+        m = request.app.get(keys.METRICS)
+        if m is not None:
+            route = request.match_info.route.resource
+            m.observe_request(route.canonical if route else "unmatched",
+                              request.get("model", ""), status, loop.time() - t0)
+
+
+def make_app(config: Config, *, accountant: Accountant | None = None,
+             discovery: Callable[[], Iterable[ModelEntry]] | None = None) -> web.Application:
+    keyring = security.keyring_from_config(config)
+    app = web.Application(
+        middlewares=[error_middleware, *security.security_middlewares(config, keyring),
+                     metrics_middleware],
+        client_max_size=security.client_max_size(config))
+    app[keys.CONFIG] = config
+    app[MODEL_CHECK] = security.check_model_allowed
+    if accountant is not None:
+        app[ACCOUNTANT] = accountant
+    if discovery is not None:
+        app[DISCOVERY] = discovery
+    app.cleanup_ctx.extend([metrics_context, http_context, store_routes.store_context,
+                            scheduler_context])
+    ollama.add_routes(app)
+    openai.add_routes(app)
+    native.add_routes(app)
+    admin.add_routes(app)
+    store_routes.add_routes(app)
+    app.on_response_prepare.append(security.add_cors_headers)
+    security.warn_if_exposed(config, keyring, log)
+    return app

@@ -1,0 +1,199 @@
+"""routerd's command line: serve | check-config | pull | list | ps | show | rm | cp | run | stop | logs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import warnings
+from typing import Sequence
+
+import structlog
+
+from . import __version__
+from .config import Config, ConfigError, load_config
+
+DEFAULT_HOST = "http://127.0.0.1:11434"
+log = structlog.get_logger("routerd")
+
+
+def _base_url() -> str:
+    host = os.environ.get("ROUTERD_HOST", DEFAULT_HOST)
+    if "://" not in host:
+        host = "http://" + host
+    return host.rstrip("/")
+
+
+def _load(path: str | None) -> Config:
+    return load_config(path or os.environ.get("ROUTERD_CONFIG"))
+
+
+# ------------------------------------------------------------------ serve
+
+
+async def _serve(config: Config) -> int:
+    from aiohttp import web
+
+    from . import keys
+    from .app import make_app
+    from .reload import apply_reload
+    from .sdnotify import notify
+    from .tlsctx import ssl_context
+    from .workers.registry import WorkerRegistry
+
+    swept = WorkerRegistry(config.expand(config.state_dir) / "workers.json").sweep()
+    if swept:
+        log.warning("routerd.swept_orphans", count=swept)
+    app = make_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True,
+                           shutdown_timeout=config.timeouts.drain, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context(config),
+                       reuse_address=True)
+    try:
+        await site.start()
+    except OSError as e:
+        log.error("routerd.bind_failed", host=config.host, port=config.port, error=str(e))
+        await runner.cleanup()
+        return 1
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals_seen = 0
+
+    def on_stop(sig: signal.Signals) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            log.warning("routerd.forced_exit", signal=sig.name)
+            for r in list(app[keys.SCHEDULER].runners.values()):
+                r.worker._signal_group(signal.SIGKILL)
+            os._exit(1)
+        log.info("routerd.stopping", signal=sig.name)
+        stop.set()
+
+    def on_hup() -> None:
+        loop.create_task(apply_reload(app))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop, sig)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+    port = sockets[0].getsockname()[1] if sockets else config.port
+    log.info("routerd.listening", host=config.host, port=port, version=__version__)
+    notify("READY=1")
+    await stop.wait()
+    notify("STOPPING=1")
+    await runner.cleanup()  # stop accepting, drain handlers (bounded), stop workers
+    log.info("routerd.stopped")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .log import setup_logging
+
+    try:
+        config = _load(args.config)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    if args.host:
+        config = replace(config, host=args.host)
+    if args.port is not None:
+        config = replace(config, port=args.port)
+    setup_logging(config.log_level)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="aiohttp")
+    return asyncio.run(_serve(config))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.path)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    missing = [m.name for m in config.models.values()
+               if m.backend != "command" and "/" in m.model and m.model.endswith(
+                   (".gguf", ".llamafile")) and not os.path.exists(os.path.expanduser(m.model))]
+    for name in missing:
+        print(f"warning: models.{name}.model: file not found", file=sys.stderr)
+    print(f"{args.path}: ok ({len(config.models)} models)")
+    return 0
+
+
+# ------------------------------------------------------------------ client commands
+
+
+def _client(args: argparse.Namespace) -> int:
+    from . import client
+    from .store import progress
+
+    base = _base_url()
+    cmd = args.cmd
+    if cmd == "pull":
+        return asyncio.run(progress.run_pull(base, args.name, args.insecure))
+    if cmd == "rm":
+        return asyncio.run(progress.run_rm(base, args.name))
+    if cmd == "cp":
+        return asyncio.run(progress.run_cp(base, args.src, args.dst))
+    if cmd == "list":
+        return client.list_models(base, sources=args.sources)
+    if cmd == "ps":
+        return client.ps(base)
+    if cmd == "show":
+        return client.show(base, args.name)
+    if cmd == "run":
+        return client.run(base, args.name, " ".join(args.prompt) if args.prompt else None)
+    if cmd == "stop":
+        return client.stop(base, args.name)
+    if cmd == "logs":
+        return client.logs(base, args.name, args.follow)
+    raise AssertionError(cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="routerd", description=__doc__)
+    p.add_argument("--version", action="version", version=f"routerd {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="run the daemon")
+    s.add_argument("--config", help="YAML config (default: $ROUTERD_CONFIG)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    c = sub.add_parser("check-config", help="validate a config file without starting anything")
+    c.add_argument("path")
+    sp = sub.add_parser("pull", help="pull a model from a registry")
+    sp.add_argument("name")
+    sp.add_argument("--insecure", action="store_true", help="allow plain http")
+    for name in ("rm", "show", "stop"):
+        sub.add_parser(name).add_argument("name")
+    cp = sub.add_parser("cp")
+    cp.add_argument("src")
+    cp.add_argument("dst")
+    ls = sub.add_parser("list", aliases=["ls"])
+    ls.add_argument("--sources", action="store_true", help="show where each model comes from")
+    sub.add_parser("ps")
+    r = sub.add_parser("run")
+    r.add_argument("name")
+    r.add_argument("prompt", nargs="*")
+    lg = sub.add_parser("logs")
+    lg.add_argument("name")
+    lg.add_argument("-f", "--follow", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "ls":
+        args.cmd = "list"
+    if args.cmd == "serve":
+        return cmd_serve(args)
+    if args.cmd == "check-config":
+        return cmd_check_config(args)
+    return _client(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

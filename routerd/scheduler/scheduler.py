@@ -1,0 +1,332 @@
+"""The scheduler: leases, one bounded queue, loads serialised, eviction by real bytes.
+
+`lease(model)` hands out a ready worker. A model already loaded never waits behind another
+model's load; only loads are serialised. Every waiting request counts against `max_queue`,
+including those waiting for a slot on a loaded model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+import structlog
+
+from ..catalog import Catalog, ModelEntry
+from ..config import Config
+from ..errors import ModelFailed, ModelTooLarge, QueueFull, ShuttingDown
+from ..workers.process import Worker, WorkerLoadError
+from ..workers.state import WorkerState
+from . import policy
+from .accounting import Accountant
+from .supervision import FailureTracker
+
+log = structlog.get_logger(__name__)
+
+WorkerFactory = Callable[[ModelEntry], Worker]
+
+
+@dataclass(eq=False)
+class Runner:
+    """A loaded (or loading) model: its worker, booked bytes, slots and keep-alive."""
+
+    entry: ModelEntry
+    worker: Worker
+    need: dict[str, int]
+    estimate: dict[str, int]
+    slots: asyncio.Semaphore
+    keep_alive: float
+    refs: int = 0  # leases held or waiting for a slot
+    last_used: float = field(default_factory=time.monotonic)
+    expires_at: float | None = None  # wall clock, for /api/ps
+    timer: asyncio.TimerHandle | None = None
+    measured: dict[str, int] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    def view(self) -> policy.Loaded:
+        return policy.Loaded(name=self.name, need=self.need, in_use=self.refs,
+                             last_used=self.last_used, pinned=math.isinf(self.keep_alive))
+
+
+class Scheduler:
+    def __init__(self, config: Config, catalog: Catalog, worker_factory: WorkerFactory,
+                 accountant: Accountant, *, metrics: Any = None,
+                 failures: FailureTracker | None = None) -> None:
+        self.config, self.catalog, self._new_worker = config, catalog, worker_factory
+        self.acct, self.metrics = accountant, metrics
+        self.failures = failures or FailureTracker()
+        self.runners: dict[str, Runner] = {}
+        self._loading: dict[str, asyncio.Task[Runner]] = {}
+        self._load_lock = asyncio.Lock()
+        self._changed = asyncio.Condition()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.waiting = 0
+        self.closing = False
+        self.last_logs: dict[str, list[str]] = {}  # the last worker's output, per model
+
+    # ------------------------------------------------------------------ leases
+
+    @contextlib.asynccontextmanager
+    async def lease(self, name: str, *, keep_alive: float | None = None
+                    ) -> AsyncIterator[Runner]:
+        if self.closing:
+            raise ShuttingDown("routerd is shutting down")
+        entry = self.catalog.resolve(name)
+        self.failures.check(entry.name)
+        if self.waiting >= self.config.max_queue:
+            raise QueueFull(f"server busy: {self.waiting} requests already waiting "
+                            f"(max_queue {self.config.max_queue}); retry later", retry_after=2)
+        runner = None
+        self._set_waiting(+1)
+        try:
+            runner = await self.ensure_loaded(entry)
+            runner.refs += 1
+            if runner.timer:
+                runner.timer.cancel()
+                runner.timer, runner.expires_at = None, None
+            await runner.slots.acquire()
+        except BaseException:
+            if runner is not None:
+                self._release(runner, keep_alive)
+            raise
+        finally:
+            self._set_waiting(-1)
+        try:
+            with runner.worker.track():
+                yield runner
+        finally:
+            runner.slots.release()
+            self._release(runner, keep_alive)
+
+    def _set_waiting(self, delta: int) -> None:
+        self.waiting += delta
+        if self.metrics:
+            self.metrics.set_queue_depth(self.waiting)
+
+    def _release(self, runner: Runner, keep_alive: float | None) -> None:
+        runner.refs -= 1
+        if runner.worker.ready:
+            self.failures.healthy(runner.name)
+        runner.last_used = time.monotonic()
+        if keep_alive is not None:
+            runner.keep_alive = keep_alive
+        if runner.refs == 0 and self.runners.get(runner.name) is runner:
+            self._arm_expiry(runner)
+        self._spawn(self._notify())
+
+    def _arm_expiry(self, runner: Runner) -> None:
+        if runner.timer:
+            runner.timer.cancel()
+            runner.timer = None
+        if math.isinf(runner.keep_alive):
+            runner.expires_at = None
+            return
+        runner.expires_at = time.time() + runner.keep_alive
+        loop = asyncio.get_running_loop()
+        runner.timer = loop.call_later(
+            runner.keep_alive, lambda: self._spawn(self._expire(runner)))
+
+    async def _expire(self, runner: Runner) -> None:
+        if runner.refs == 0 and self.runners.get(runner.name) is runner:
+            log.info("scheduler.expired", model=runner.name)
+            await self._unload(runner, reason="keep_alive")
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ loading
+
+    async def ensure_loaded(self, entry: ModelEntry) -> Runner:
+        runner = self.runners.get(entry.name)
+        if runner is not None and runner.worker.ready:
+            return runner
+        task = self._loading.get(entry.name)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load(entry))
+            self._loading[entry.name] = task
+            task.add_done_callback(lambda _t, n=entry.name: self._loading.pop(n, None))
+        # Shielded: one impatient client leaving does not cancel a load others wait on.
+        return await asyncio.shield(task)
+
+    async def _load(self, entry: ModelEntry) -> Runner:
+        async with self._load_lock:
+            current = self.runners.get(entry.name)
+            if current is not None and current.worker.ready:
+                return current
+            await self.failures.backoff(entry.name)
+            need, estimate = self.acct.need(entry)
+            budget = self.acct.budget()
+            if not policy.fits_at_all(need, budget):
+                raise ModelTooLarge(f"model {entry.name!r} cannot be loaded: "
+                                    + policy.refusal_message(need, budget))
+            for attempt in (1, 2):
+                await self._make_room(entry, need, budget)
+                try:
+                    return await self._start(entry, need, estimate)
+                except WorkerLoadError as e:
+                    if e.oom and attempt == 1 and self._idle_runners():
+                        log.warning("scheduler.load_oom_retry", model=entry.name)
+                        await self._evict(self._idle_runners(), reason="oom-retry")
+                        continue
+                    self.failures.record(entry.name, e.message)
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _start(self, entry: ModelEntry, need: dict[str, int],
+                     estimate: dict[str, int]) -> Runner:
+        worker = self._new_worker(entry)
+        keep = entry.keep_alive if entry.keep_alive is not None else self.config.keep_alive
+        runner = Runner(entry=entry, worker=worker, need=dict(need), estimate=dict(estimate),
+                        slots=asyncio.Semaphore(entry.launch.parallel), keep_alive=keep)
+        self.runners[entry.name] = runner
+        try:
+            await worker.start(self.config.timeouts.load)
+        except BaseException:
+            self.runners.pop(entry.name, None)
+            self._spawn(self._notify())
+            raise
+        if self.metrics:
+            self.metrics.inc_load(entry.name)
+            self.metrics.set_state(entry.name, "ready")
+        runner.measured = self.acct.measure(entry, worker, estimate)
+        if runner.measured:
+            runner.need = dict(runner.measured)
+        self.failures.loaded(entry.name)
+        self._arm_expiry(runner)  # a load with no request (preload, empty prompt) expires too
+        self._publish_memory(runner)
+        return runner
+
+    def _idle_runners(self) -> list[Runner]:
+        return [r for r in self.runners.values() if r.refs == 0 and r.worker.ready]
+
+    async def _make_room(self, entry: ModelEntry, need: dict[str, int],
+                         budget: dict[str, int]) -> None:
+        deadline = time.monotonic() + self.config.timeouts.load
+        while True:
+            others = [r for r in self.runners.values() if r.name != entry.name]
+            victims = policy.choose_victims(
+                need, [r.view() for r in others], budget, max_loaded=self.config.max_loaded)
+            if victims is not None:
+                if victims:
+                    chosen = [self.runners[v.name] for v in victims]
+                    await self._evict(chosen, reason="room")
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ModelTooLarge(
+                    f"model {entry.name!r} cannot be loaded now: busy models hold the memory "
+                    f"({policy.refusal_message(need, budget)}); retry later")
+            async with self._changed:  # a release or an unload may make room
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), min(left, 1.0))
+
+    async def _evict(self, runners: list[Runner], *, reason: str) -> None:
+        for r in runners:
+            log.info("scheduler.evicted", model=r.name, reason=reason, held=r.need)
+            if self.metrics:
+                self.metrics.inc_eviction(r.name)
+        await asyncio.gather(*(self._unload(r, reason=reason) for r in runners))
+        await self.acct.wait_released([r.worker for r in runners],
+                                      self.config.memory.release_timeout)
+
+    async def _unload(self, runner: Runner, *, reason: str) -> None:
+        if runner.timer:
+            runner.timer.cancel()
+            runner.timer = None
+        if self.runners.get(runner.name) is runner:
+            del self.runners[runner.name]
+        t = self.config.timeouts
+        await runner.worker.stop(drain=t.drain, kill_after=t.stop)
+        self.last_logs[runner.name] = list(runner.worker.lines)
+        if self.metrics:
+            self.metrics.forget(runner.name)
+        log.info("scheduler.unloaded", model=runner.name, reason=reason)
+        await self._notify()
+
+    def _publish_memory(self, runner: Runner) -> None:
+        if self.metrics:
+            for res, n in runner.need.items():
+                self.metrics.set_memory(runner.name, res, n)
+
+    # ------------------------------------------------------------------ control
+
+    async def load(self, name: str, *, keep_alive: float | None = None) -> Runner:
+        """Load without a request (empty prompt, preload); arm its keep-alive."""
+        async with self.lease(name, keep_alive=keep_alive) as runner:
+            return runner
+
+    async def unload(self, name: str) -> bool:
+        entry = self.catalog.resolve(name)
+        runner = self.runners.get(entry.name)
+        if runner is None:
+            return False
+        await self._unload(runner, reason="request")
+        return True
+
+    async def retire(self, runner: Runner) -> None:
+        """Config reload: take the runner out of service now (new requests load afresh), let
+        its in-flight requests finish (bounded), then stop it."""
+        await self._unload(runner, reason="config-changed")
+
+    def worker_exited(self, worker: Worker) -> None:
+        """Worker on_exit callback: a crash frees the books; the next request reloads."""
+        runner = self.runners.get(worker.model)
+        if runner is None or runner.worker is not worker:
+            return
+        if worker.state.value is WorkerState.FAILED:
+            del self.runners[worker.model]
+            self.last_logs[worker.model] = list(worker.lines)
+            if runner.timer:
+                runner.timer.cancel()
+            self.failures.record(worker.model, worker.failure or "engine exited")
+            if self.metrics:
+                self.metrics.inc_restart(worker.model)
+                self.metrics.forget(worker.model)
+            self._spawn(self._notify())
+
+    async def kill_hung(self, runner: Runner, reason: str) -> None:
+        """A worker that stopped answering: SIGKILL it and forget it (the next request reloads)."""
+        if self.runners.get(runner.name) is not runner:
+            return
+        log.warning("worker.hung", model=runner.name, pid=runner.worker.pid, reason=reason)
+        runner.worker.failure = reason
+        await runner.worker.kill()
+
+    async def preload(self) -> None:
+        entries = [e for e in self.catalog.entries() if e.preload]
+        entries.sort(key=lambda e: sum(self.acct.need(e)[0].values()))
+        for e in entries:
+            try:
+                await self.load(e.name)
+            except Exception as exc:  # noqa: BLE001 - a preload failure must not stop the daemon
+                log.error("scheduler.preload_failed", model=e.name, error=str(exc))
+
+    async def close(self, deadline: float = 30.0) -> None:
+        self.closing = True
+        for task in list(self._loading.values()):
+            task.cancel()
+        runners = list(self.runners.values())
+        t = self.config.timeouts
+        await asyncio.gather(*(r.worker.stop(drain=min(deadline, t.drain), kill_after=t.stop)
+                               for r in runners), return_exceptions=True)
+        self.runners.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def failed_reason(self, name: str) -> str | None:
+        return self.failures.reason(name)

@@ -1,0 +1,129 @@
+"""Engine argv builders: one per backend, always argv lists, never a shell string."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import RouterdError
+
+
+class BackendError(RouterdError):
+    status = 500
+    code = "backend_error"
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything the spawner needs, fully resolved."""
+
+    model: str  # routerd's model name
+    path: str  # the .gguf / llamafile file (may be "" for a command backend)
+    backend: str  # llama-server | llamafile | llama-cpp-python | command
+    ctx_size: int = 4096
+    parallel: int = 1
+    gpu_layers: int | None = None  # None = engine default / auto
+    embeddings: bool = True
+    args: tuple[str, ...] = ()
+    command: tuple[str, ...] = ()
+    projector: str | None = None
+
+    def identity(self) -> tuple:
+        """What, if changed, means the worker must be restarted (config reload)."""
+        return (self.path, self.backend, self.ctx_size, self.parallel, self.gpu_layers,
+                self.embeddings, self.args, self.command, self.projector)
+
+
+@dataclass(frozen=True)
+class Argv:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    lifeline_flag: bool = False  # the engine understands --lifeline-fd
+
+
+def find_llama_server(setting: str = "auto") -> str | None:
+    """`engines.llama_server`: a path, or auto = PATH, then the one `make install` built."""
+    if setting != "auto":
+        return setting if os.access(setting, os.X_OK) else None
+    found = shutil.which("llama-server")
+    if found:
+        return found
+    beside = Path(sys.executable).parent / "llama-server"
+    return str(beside) if os.access(beside, os.X_OK) else None
+
+
+def is_llamafile(path: str) -> bool:
+    """A llamafile is an executable ZIP (APE launcher in front), not a bare GGUF."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head != b"GGUF" and (path.endswith(".llamafile") or _has_zip_end(path))
+
+
+def _has_zip_end(path: str) -> bool:
+    import zipfile
+
+    return zipfile.is_zipfile(path)
+
+
+def resolve_backend(backend: str, path: str, llama_server: str | None) -> str:
+    if backend != "auto":
+        return backend
+    if path and is_llamafile(path):
+        return "llamafile"
+    return "llama-server" if llama_server else "llama-cpp-python"
+
+
+def build_argv(spec: LaunchSpec, *, host: str, port: int, api_key: str,
+               llama_server: str | None) -> Argv:
+    if spec.backend == "llama-server":
+        if not llama_server:
+            raise BackendError("backend llama-server: no llama-server binary found "
+                               "(set engines.llama_server or run make install)")
+        return Argv([llama_server, "-m", spec.path, *_server_flags(spec, host, port, api_key)])
+    if spec.backend == "llamafile":
+        # APE executables run through sh, which works whatever binfmt_misc says.
+        return Argv(["sh", spec.path, "--server", "--nobrowser",
+                     *_server_flags(spec, host, port, api_key, modern=False)])
+    if spec.backend == "llama-cpp-python":
+        argv = [sys.executable, "-m", "routerd.engine", "--model", spec.path,
+                "--host", host, "--port", str(port), "--ctx-size", str(spec.ctx_size),
+                "--parallel", str(spec.parallel), "--alias", spec.model, "--api-key", api_key,
+                "--n-gpu-layers", str(-1 if spec.gpu_layers is None else spec.gpu_layers)]
+        if spec.embeddings:
+            argv.append("--embeddings")
+        return Argv([*argv, *spec.args], lifeline_flag=True)
+    if spec.backend == "command":
+        subst = {"port": str(port), "host": host, "api_key": api_key, "model": spec.path,
+                 "name": spec.model, "ctx_size": str(spec.ctx_size),
+                 "parallel": str(spec.parallel)}
+        return Argv([_format(a, subst) for a in spec.command] + list(spec.args))
+    raise BackendError(f"unknown backend {spec.backend!r}")
+
+
+def _format(arg: str, subst: dict[str, str]) -> str:
+    for k, v in subst.items():
+        arg = arg.replace("{" + k + "}", v)
+    return arg
+
+
+def _server_flags(spec: LaunchSpec, host: str, port: int, api_key: str, *,
+                  modern: bool = True) -> Sequence[str]:
+    """llama-server flags. `modern=False` keeps to those llamafile's older server knows too."""
+    flags = ["--host", host, "--port", str(port), "-c", str(spec.ctx_size),
+             "-np", str(spec.parallel), "--api-key", api_key, "--alias", spec.model]
+    if modern:
+        flags.append("--no-webui")
+    if spec.gpu_layers is not None:
+        flags += ["-ngl", str(spec.gpu_layers)]
+    if spec.embeddings:
+        flags += ["--embedding", "--pooling", "mean"] if modern else ["--embedding"]
+    if spec.projector:
+        flags += ["--mmproj", spec.projector]
+    return [*flags, *spec.args]

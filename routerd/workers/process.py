@@ -1,0 +1,302 @@
+"""One worker process: spawn, readiness, log capture, drain, SIGTERM → SIGKILL.
+
+Each worker gets a free loopback port, its own process group, a random API key, and dies with
+the daemon: PR_SET_PDEATHSIG on Linux plus a lifeline pipe whose write end only routerd holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ctypes
+import os
+import re
+import secrets
+import signal
+import socket
+import sys
+import time
+from typing import AsyncIterator, Callable
+
+import aiohttp
+import structlog
+
+from ..errors import ModelFailed, RouterdError
+from .backends import Argv
+from .state import StateBox, WorkerState
+
+log = structlog.get_logger(__name__)
+
+ArgvBuilder = Callable[[str, int, str], Argv]  # (host, port, api_key) -> Argv
+_OOM_RE = re.compile(r"out of memory|failed to allocate|bad_alloc|cudaMalloc failed|"
+                     r"unable to allocate|cannot allocate memory", re.IGNORECASE)
+_PR_SET_PDEATHSIG = 1
+
+
+class WorkerLoadError(ModelFailed):
+    """The engine exited or never became healthy while loading."""
+
+    def __init__(self, message: str, *, oom: bool = False, stderr: str = "") -> None:
+        super().__init__(message)
+        self.oom, self.stderr = oom, stderr
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _child_setup() -> None:  # runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except OSError:
+            pass
+    if os.getppid() == 1:  # the daemon died between fork and prctl
+        os._exit(1)
+
+
+class Worker:
+    """A supervised engine process serving one model on 127.0.0.1:<port>."""
+
+    def __init__(self, model: str, build: ArgvBuilder, session: aiohttp.ClientSession, *,
+                 host: str = "127.0.0.1", log_lines: int = 1000,
+                 on_exit: Callable[[Worker], None] | None = None,
+                 on_spawn: Callable[[Worker], None] | None = None) -> None:
+        self.model, self._build, self._session, self.host = model, build, session, host
+        self.state = StateBox()
+        self.api_key = secrets.token_urlsafe(24)
+        self.port = 0
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lines: collections.deque[str] = collections.deque(maxlen=log_lines)
+        self._subscribers: set[asyncio.Queue[str | None]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._exited = asyncio.get_running_loop().create_future()
+        self._lifeline: int | None = None
+        self._on_exit, self._on_spawn = on_exit, on_spawn
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.started_at = 0.0
+        self.load_seconds = 0.0
+        self.returncode: int | None = None
+        self.failure: str | None = None
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def ready(self) -> bool:
+        return self.state.value is WorkerState.READY
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and not self._exited.done()
+
+    def stderr_tail(self, n: int = 12) -> str:
+        return "\n".join(list(self.lines)[-n:])
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, timeout: float) -> None:
+        """Spawn and wait until /health answers 200; raise WorkerLoadError otherwise."""
+        if not self.state.swap(WorkerState.STOPPED, WorkerState.STARTING):
+            raise RouterdError(f"worker for {self.model} is {self.state.value.value}")
+        self.started_at = time.monotonic()
+        try:
+            await self._spawn()
+            await self._wait_ready(timeout)
+        except BaseException as e:
+            failure = e if isinstance(e, WorkerLoadError) else None
+            if self.state.swap((WorkerState.STARTING,), WorkerState.FAILED):
+                self.failure = failure.message if failure else f"load aborted: {e!r}"
+            await self._kill_group()
+            raise
+        self.load_seconds = time.monotonic() - self.started_at
+        self.state.swap(WorkerState.STARTING, WorkerState.READY)
+        log.info("worker.ready", model=self.model, pid=self.pid, port=self.port,
+                 load_s=round(self.load_seconds, 3))
+
+    async def _spawn(self) -> None:
+        self.port = free_port(self.host)
+        argv = self._build(self.host, self.port, self.api_key)
+        read_end, self._lifeline = os.pipe()
+        cmd = list(argv.argv)
+        if argv.lifeline_flag:
+            cmd += ["--lifeline-fd", str(read_end)]
+        env = {**os.environ, **argv.env}
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, start_new_session=True,
+                preexec_fn=_child_setup, pass_fds=(read_end,), env=env)
+        except OSError as e:
+            raise WorkerLoadError(f"cannot start {cmd[0]}: {e.strerror or e}") from None
+        finally:
+            os.close(read_end)
+        log.info("worker.spawned", model=self.model, pid=self.proc.pid, port=self.port,
+                 argv0=cmd[0])
+        if self._on_spawn:
+            self._on_spawn(self)
+        assert self.proc.stdout and self.proc.stderr
+        self._tasks = [asyncio.create_task(self._read(self.proc.stdout, "stdout")),
+                       asyncio.create_task(self._read(self.proc.stderr, "stderr")),
+                       asyncio.create_task(self._monitor())]
+
+    async def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        url = f"{self.base_url}/health"
+        while True:
+            if self._exited.done():
+                await self._drain_readers()
+                tail = self.stderr_tail()
+                raise WorkerLoadError(
+                    f"model {self.model!r} failed to load: engine exited with code "
+                    f"{self.returncode}" + (f": {tail}" if tail else ""),
+                    oom=bool(_OOM_RE.search(tail)) or self.returncode == -signal.SIGKILL,
+                    stderr=tail)
+            try:
+                async with self._session.get(
+                        url, timeout=aiohttp.ClientTimeout(total=2)) as r:
+                    if r.status == 200:
+                        return
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerLoadError(f"model {self.model!r} did not become ready within "
+                                      f"{timeout:.0f}s; last output: {self.stderr_tail(5)}")
+            # Wait on the process exit, not a blind sleep: a crash is seen at once.
+            await asyncio.wait({self._exited}, timeout=min(delay, left))
+            delay = min(delay * 2, 0.05)
+
+    async def stop(self, *, drain: float = 30.0, kill_after: float = 10.0) -> None:
+        """Drain in-flight requests (bounded), SIGTERM the group, SIGKILL after a timeout."""
+        moved = self.state.swap((WorkerState.READY, WorkerState.STARTING), WorkerState.STOPPING)
+        if moved and self.inflight:
+            log.info("worker.draining", model=self.model, inflight=self.inflight)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), drain)
+        if self.alive:
+            self._signal_group(signal.SIGTERM)
+            done, _ = await asyncio.wait({self._exited}, timeout=kill_after)
+            if not done:
+                log.warning("worker.kill", model=self.model, pid=self.pid,
+                            reason=f"no exit {kill_after}s after SIGTERM")
+        await self._kill_group()
+        self.state.swap(WorkerState.STOPPING, WorkerState.STOPPED)
+        log.info("worker.stopped", model=self.model, pid=self.pid, code=self.returncode)
+
+    async def kill(self) -> None:
+        """Immediate SIGKILL of the whole group (hung worker, forced shutdown)."""
+        self.state.swap((WorkerState.READY, WorkerState.STARTING, WorkerState.STOPPING),
+                        WorkerState.FAILED)
+        await self._kill_group()
+
+    async def _kill_group(self) -> None:
+        self._signal_group(signal.SIGKILL)  # also reaps children the leader left behind
+        if self.proc is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._exited), 10)
+        await self._drain_readers()
+        if self._lifeline is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lifeline)
+            self._lifeline = None
+
+    def _signal_group(self, sig: int) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
+    async def _drain_readers(self) -> None:
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=2)
+            for t in pending:
+                t.cancel()
+
+    async def _monitor(self) -> None:
+        assert self.proc is not None
+        self.returncode = await self.proc.wait()
+        await self._drain_readers_except_monitor()
+        if not self._exited.done():
+            self._exited.set_result(self.returncode)
+        if self.state.swap(WorkerState.READY, WorkerState.FAILED):
+            self.failure = (f"engine exited with code {self.returncode}: "
+                            f"{self.stderr_tail(5)}")
+            log.warning("worker.crashed", model=self.model, pid=self.proc.pid,
+                        code=self.returncode, tail=self.stderr_tail(5))
+        for q in self._subscribers:
+            q.put_nowait(None)
+        if self._on_exit:
+            self._on_exit(self)
+
+    async def _drain_readers_except_monitor(self) -> None:
+        readers = [t for t in self._tasks[:2] if not t.done()]
+        if readers:
+            await asyncio.wait(readers, timeout=1)
+
+    async def _read(self, stream: asyncio.StreamReader, name: str) -> None:
+        bound = log.bind(model=self.model, stream=name)
+        while True:
+            try:
+                raw = await stream.readline()
+            except (ValueError, asyncio.LimitOverrunError):  # an over-long line
+                raw = await stream.read(65536)
+            if not raw:
+                return
+            line = raw.decode("utf-8", "replace").rstrip()
+            self.lines.append(line)
+            for q in self._subscribers:
+                if q.qsize() < 1000:
+                    q.put_nowait(line)
+            bound.debug("worker.output", line=line)
+
+    # ------------------------------------------------------------------ requests
+
+    @contextlib.contextmanager
+    def track(self):
+        """Count an in-flight request (drain waits for these)."""
+        self.inflight += 1
+        self._idle.clear()
+        try:
+            yield self
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self._idle.set()
+
+    async def follow(self) -> AsyncIterator[str]:
+        """The ring buffer, then live lines until the process exits."""
+        q: asyncio.Queue[str | None] = asyncio.Queue()
+        backlog = list(self.lines)
+        self._subscribers.add(q)
+        try:
+            for line in backlog:
+                yield line
+            if self._exited.done():
+                return
+            while (line := await q.get()) is not None:
+                yield line
+        finally:
+            self._subscribers.discard(q)
+
+    async def exited(self) -> int:
+        return await asyncio.shield(self._exited)
