@@ -17,6 +17,7 @@ from routerd.api.translate import (
     error_chunk_ollama,
     error_event_openai,
 )
+from routerd.api.translate.bench import bench
 
 
 def decode_all(pieces: list[bytes]) -> list[str]:
@@ -111,6 +112,12 @@ def test_encoders():
     line = encode_ndjson({"done": False, "response": "ü"})
     assert line == '{"done":false,"response":"ü"}\n'.encode()
     assert encode_ndjson(error_chunk_ollama("x")) == b'{"error":"x"}\n'
+    assert encode_ndjson({"t": "a\ud83db"}) == b'{"t":"a?b"}\n'  # a lone surrogate never raises
+
+
+def test_bench_smoke():
+    result = bench(50)
+    assert result["chunks"] == 50 and result["out_bytes"] > 0
 
 
 def test_error_event_openai():

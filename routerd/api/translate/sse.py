@@ -14,7 +14,8 @@ from typing import Any
 __all__ = ["DONE", "SSEDecoder", "encode_ndjson", "encode_sse", "error_event_openai"]
 
 DONE = "[DONE]"
-_COMPACT = (",", ":")
+# One encoder, built once: json.dumps(..., separators=...) builds a new one per call.
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _NL = b"\n"
 _CR = b"\r"
 _COLON = 0x3A
@@ -89,12 +90,12 @@ def encode_sse(obj: Any) -> bytes:
     """One SSE event: `data: <compact JSON>\\n\\n`; a str (e.g. "[DONE]") is sent verbatim."""
     if isinstance(obj, str):
         return b"data: " + obj.encode() + b"\n\n"
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=_COMPACT).encode() + b"\n\n"
+    return b"data: " + _encode(obj).encode("utf-8", "replace") + b"\n\n"
 
 
 def encode_ndjson(obj: Any) -> bytes:
     """One NDJSON line (Ollama streams): compact JSON and a newline."""
-    return json.dumps(obj, ensure_ascii=False, separators=_COMPACT).encode() + b"\n"
+    return _encode(obj).encode("utf-8", "replace") + b"\n"
 
 
 def error_event_openai(
