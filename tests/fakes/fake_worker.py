@@ -110,7 +110,7 @@ def count_words(value: object) -> int:
 def timings(prompt_n: int, predicted_n: int, started: float) -> dict[str, float]:
     ms = max((time.monotonic() - started) * 1000.0, 0.001)
     return {
-        "prompt_n": prompt_n, "prompt_ms": 0.1,
+        "cache_n": 0, "prompt_n": prompt_n, "prompt_ms": 0.1,
         "prompt_per_token_ms": 0.1 / max(prompt_n, 1), "prompt_per_second": prompt_n * 10000.0,
         "predicted_n": predicted_n, "predicted_ms": ms,
         "predicted_per_token_ms": ms / max(predicted_n, 1),
@@ -147,21 +147,14 @@ def make_app(worker: Worker) -> web.Application:
 
     app = web.Application(middlewares=[gate])
     app[WORKER] = worker
-    app.router.add_get("/health", health)
-    app.router.add_get("/v1/health", health)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/models", models)
-    app.router.add_get("/slots", slots)
-    app.router.add_get("/props", props)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/completion", native_completion)
-    app.router.add_post("/completions", native_completion)
-    app.router.add_post("/v1/embeddings", embeddings)
-    app.router.add_post("/embeddings", embeddings)
-    app.router.add_post("/tokenize", tokenize)
-    app.router.add_post("/detokenize", detokenize)
+    app.add_routes([web.get(p, h) for p, h in (
+        ("/health", health), ("/v1/health", health), ("/v1/models", models),
+        ("/models", models), ("/slots", slots), ("/props", props))])
+    app.add_routes([web.post(p, h) for p, h in (
+        ("/v1/chat/completions", chat_completions), ("/chat/completions", chat_completions),
+        ("/v1/completions", completions), ("/completion", native_completion),
+        ("/completions", native_completion), ("/v1/embeddings", embeddings),
+        ("/embeddings", embeddings), ("/tokenize", tokenize), ("/detokenize", detokenize))])
     return app
 
 
@@ -172,7 +165,8 @@ def get_worker(request: web.Request) -> Worker:
 async def health(request: web.Request) -> web.Response:
     worker = get_worker(request)
     if worker.loading():
-        return web.json_response({"status": "loading model"}, status=503)
+        body = error_body(503, "Loading model", "unavailable_error")  # as llama-server says it
+        return web.json_response(body, status=503)
     if worker.args.fail_health:
         return web.json_response(error_body(500, "fake health failure", "server_error"), status=500)
     return web.json_response({"status": "ok"})
@@ -183,7 +177,9 @@ async def models(request: web.Request) -> web.Response:
     meta = {"n_ctx_train": worker.args.ctx_size, "n_vocab": 49152, "n_params": 134515008}
     entry = {"id": worker.model_id, "object": "model", "created": int(time.time()),
              "owned_by": "llamacpp", "meta": meta}
-    return web.json_response({"object": "list", "data": [entry]})
+    ollama = {"name": worker.model_id, "model": worker.model_id, "type": "model",
+              "capabilities": ["completion"]}
+    return web.json_response({"models": [ollama], "object": "list", "data": [entry]})
 
 
 async def slots(request: web.Request) -> web.Response:
@@ -296,12 +292,15 @@ async def openai_completion(request: web.Request, *, chat: bool) -> web.StreamRe
         await send_event(resp, {**head, "choices": [first]})
     async for token in generate(worker, tokens):
         await send_event(resp, {**head, "choices": [choice(token, None)]})
-    last = {**head, "choices": [choice(None, finish)],
-            "timings": timings(prompt_n, len(tokens), started)}
-    await send_event(resp, last)
+    # llama-server puts timings on the last chunk: the usage chunk when one is asked for.
+    stats = {"timings": timings(prompt_n, len(tokens), started)}
     options = body.get("stream_options")
-    if isinstance(options, dict) and options.get("include_usage"):
-        await send_event(resp, {**head, "choices": [], "usage": usage(prompt_n, len(tokens))})
+    with_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+    await send_event(resp, {**head, "choices": [choice(None, finish)],
+                            **({} if with_usage else stats)})
+    if with_usage:
+        await send_event(resp, {**head, "choices": [], "usage": usage(prompt_n, len(tokens)),
+                                **stats})
     await send_event(resp, "[DONE]")
     await resp.write_eof()
     return resp
@@ -313,7 +312,8 @@ async def native_completion(request: web.Request) -> web.StreamResponse:
     tokens, finish = worker.reply_tokens(max_tokens(body, "n_predict", "max_tokens"))
 
     def final(content: str) -> dict[str, object]:
-        return {"content": content, "stop": True, "id_slot": 0, "model": worker.model_id,
+        return {"index": 0, "content": content, "stop": True, "id_slot": 0,
+                "model": worker.model_id,
                 "tokens_predicted": len(tokens), "tokens_evaluated": prompt_n,
                 "stop_type": "limit" if finish == "length" else "eos", "truncated": False,
                 "timings": timings(prompt_n, len(tokens), started)}
@@ -322,8 +322,12 @@ async def native_completion(request: web.Request) -> web.StreamResponse:
         text = "".join([t async for t in generate(worker, tokens)])
         return web.json_response(final(text))
     resp = await open_sse(request)
+    n = 0
     async for token in generate(worker, tokens):
-        await send_event(resp, {"content": token, "stop": False, "id_slot": 0})
+        n += 1
+        await send_event(resp, {"index": 0, "content": token, "tokens": [worker.token_id(token)],
+                                "stop": False, "id_slot": -1, "tokens_predicted": n,
+                                "tokens_evaluated": prompt_n})
     await send_event(resp, final(""))
     await resp.write_eof()
     return resp
