@@ -99,10 +99,19 @@ class EngineLlama(Llama):
         )
 
 
+CTX_PAD = 256
+
+
+def padded_ctx(ctx_size: int) -> int:
+    """llama.cpp rounds n_ctx up to a multiple of 256, but llama-cpp-python sizes its
+    token buffer with the number asked for: ask for the rounded size (0 = the model's)."""
+    return -(-ctx_size // CTX_PAD) * CTX_PAD
+
+
 def load_llama(opts: EngineOptions) -> EngineLlama:
     """Load the model (seconds to minutes; call from a thread). Raises on failure."""
     kwargs: dict[str, Any] = {
-        "n_ctx": opts.ctx_size,
+        "n_ctx": padded_ctx(opts.ctx_size),
         "n_gpu_layers": opts.n_gpu_layers,
         "n_batch": opts.batch_size,
         "embedding": opts.embeddings,

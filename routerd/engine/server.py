@@ -60,6 +60,12 @@ def make_app(state: EngineState) -> web.Application:
         except (ConnectionResetError, asyncio.CancelledError):
             status = 499
             raise
+        except web.HTTPException as exc:  # the router's 404/405, in llama-server's shape
+            status = exc.status
+            body = {"error": {"code": exc.status, "message": exc.reason,
+                              "type": "not_found_error" if exc.status == 404
+                              else "invalid_request_error"}}
+            return web.json_response(body, status=exc.status)
         except Exception as exc:  # rendered like llama-server; unexpected ones logged
             err = wire.as_routerd_error(exc)
             status = err.status
