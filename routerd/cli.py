@@ -140,17 +140,18 @@ def _client(args: argparse.Namespace) -> int:
     if cmd == "cp":
         return asyncio.run(progress.run_cp(base, args.src, args.dst))
     if cmd == "list":
-        return client.list_models(base, sources=args.sources)
+        return client.execute(client.list_models(base))
     if cmd == "ps":
-        return client.ps(base)
+        return client.execute(client.ps(base))
     if cmd == "show":
-        return client.show(base, args.name)
+        return client.execute(client.show(base, args.name))
     if cmd == "run":
-        return client.run(base, args.name, " ".join(args.prompt) if args.prompt else None)
+        prompt = " ".join(args.prompt) if args.prompt else None
+        return client.execute(client.run(base, args.name, prompt))
     if cmd == "stop":
-        return client.stop(base, args.name)
+        return client.execute(client.stop(base, args.name))
     if cmd == "logs":
-        return client.logs(base, args.name, args.follow)
+        return client.execute(client.logs(base, args.name, args.follow))
     raise AssertionError(cmd)
 
 

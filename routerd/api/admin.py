@@ -14,7 +14,7 @@ from ..catalog import ModelEntry
 from ..errors import BadRequest, ModelNotFound
 from ..scheduler.accounting import read_info
 from ..store import gguf
-from .common import read_json
+from .common import read_json, jresp
 
 OLLAMA_API_VERSION = "0.12.0"  # the Ollama API level routerd speaks
 
@@ -47,7 +47,7 @@ def _tag(e: ModelEntry) -> dict[str, Any]:
 
 async def tags(request: web.Request) -> web.Response:
     catalog = request.app[keys.CATALOG]
-    return web.json_response({"models": [_tag(e) for e in catalog.entries()]})
+    return jresp({"models": [_tag(e) for e in catalog.entries()]})
 
 
 async def ps(request: web.Request) -> web.Response:
@@ -70,7 +70,7 @@ async def ps(request: web.Request) -> web.Response:
     failed = [{"name": n, "reason": scheduler.failed_reason(n)}
               for n in request.app[keys.CATALOG].names() if scheduler.failed_reason(n)]
     budget = scheduler.acct.budget()
-    return web.json_response({"models": models,
+    return jresp({"models": models,
                               "routerd": {"budget": budget, "failed": failed,
                                           "queue": scheduler.waiting}})
 
@@ -111,11 +111,11 @@ async def show(request: web.Request) -> web.Response:
            "routerd": {"source": entry.source, "location": entry.location,
                        "backend": entry.launch.backend, "ctx_size": entry.launch.ctx_size,
                        "parallel": entry.launch.parallel, "aliases": list(entry.aliases)}}
-    return web.json_response(out)
+    return jresp(out)
 
 
 async def version(request: web.Request) -> web.Response:
-    return web.json_response({"version": OLLAMA_API_VERSION, "routerd": __version__})
+    return jresp({"version": OLLAMA_API_VERSION, "routerd": __version__})
 
 
 async def root(request: web.Request) -> web.Response:
@@ -148,7 +148,7 @@ async def logs(request: web.Request) -> web.StreamResponse:
 async def refresh(request: web.Request) -> web.Response:
     catalog = request.app[keys.CATALOG]
     catalog.refresh()
-    return web.json_response({"models": len(catalog.entries())})
+    return jresp({"models": len(catalog.entries())})
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:

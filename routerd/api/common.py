@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -18,6 +19,10 @@ from ..config import ConfigError, parse_duration
 from ..errors import BadRequest, RouterdError, UpstreamError
 
 log = structlog.get_logger(__name__)
+
+_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+# Ollama and OpenAI both answer compact JSON.
+jresp = functools.partial(web.json_response, dumps=_compact)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPENAI_PREFIXES = ("/v1/", "/completion", "/tokenize", "/detokenize", "/props", "/health",
@@ -41,12 +46,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except RouterdError as e:
         if e.status >= 500:
             log.warning("request.failed", path=request.path, status=e.status, error=e.message)
-        return web.json_response(error_body(dialect(request.path), e), status=e.status,
+        return jresp(error_body(dialect(request.path), e), status=e.status,
                                  headers=e.headers)
     except web.HTTPRequestEntityTooLarge as e:
         err = RouterdError(f"request body too large ({e.text})")
         err.status, err.code = 413, "payload_too_large"
-        return web.json_response(error_body(dialect(request.path), err), status=413)
+        return jresp(error_body(dialect(request.path), err), status=413)
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from .. import keys
 from ..errors import BadRequest
-from .common import engine_call, keep_alive_field, model_field, note_request
+from .common import engine_call, keep_alive_field, model_field, note_request, jresp
 from .security import upstream_path
 from .streaming import relay_body, relay_sse
 
@@ -60,7 +60,7 @@ async def props(request: web.Request) -> web.StreamResponse:
 
 async def health(request: web.Request) -> web.Response:
     """routerd's own health: it is up. (A model's engine health is in /api/ps.)"""
-    return web.json_response({"status": "ok"})
+    return jresp({"status": "ok"})
 
 
 async def upstream(request: web.Request) -> web.StreamResponse:

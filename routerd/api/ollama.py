@@ -12,7 +12,7 @@ from aiohttp import web
 
 from .. import keys
 from ..errors import BadRequest
-from .common import engine_call, keep_alive_field, model_field, note_request, read_json
+from .common import engine_call, keep_alive_field, model_field, note_request, read_json, jresp
 from .streaming import relay_translated
 from .translate import ollama as tx
 from .translate import ollama_response as rx
@@ -39,9 +39,9 @@ async def _load_or_unload(request: web.Request, name: str, keep_alive: float | N
     entry = request.app[keys.CATALOG].resolve(name)
     if keep_alive == 0:
         await scheduler.unload(entry.name)
-        return web.json_response(rx.load_response(name, chat=chat, done_reason="unload"))
+        return jresp(rx.load_response(name, chat=chat, done_reason="unload"))
     await scheduler.load(entry.name, keep_alive=keep_alive)
-    return web.json_response(rx.load_response(name, chat=chat, done_reason="load"))
+    return jresp(rx.load_response(name, chat=chat, done_reason="load"))
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -63,7 +63,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         if stream:
             return await relay_translated(request, call, ChatStream(name), encode_ndjson)
         answer = await call.resp.json(content_type=None)
-        return web.json_response(rx.chat_response(answer, name, load_ns=call.load_ns,
+        return jresp(rx.chat_response(answer, name, load_ns=call.load_ns,
                                                   total_ns=call.total_ns()))
 
 
@@ -86,7 +86,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         if stream:
             return await relay_translated(request, call, GenerateStream(name), encode_ndjson)
         answer = await call.resp.json(content_type=None)
-        return web.json_response(rx.generate_response(answer, name, load_ns=call.load_ns,
+        return jresp(rx.generate_response(answer, name, load_ns=call.load_ns,
                                                       total_ns=call.total_ns()))
 
 
@@ -98,11 +98,11 @@ async def embed(request: web.Request) -> web.Response:
     payload["model"] = name
     if not payload["input"]:
         await request.app[keys.SCHEDULER].load(name, keep_alive=keep_alive_field(body))
-        return web.json_response({"model": name, "embeddings": []})
+        return jresp({"model": name, "embeddings": []})
     async with engine_call(request, name, "/v1/embeddings", body=json.dumps(payload).encode(),
                            keep_alive=keep_alive_field(body)) as call:
         answer = await call.resp.json(content_type=None)
-        return web.json_response(rx.embed_response(
+        return jresp(rx.embed_response(
             answer, name, load_ns=call.load_ns, total_ns=call.total_ns(),
             dimensions=payload.get("dimensions")))
 
@@ -115,11 +115,11 @@ async def embeddings(request: web.Request) -> web.Response:
     payload["model"] = name
     if not payload["input"]:
         await request.app[keys.SCHEDULER].load(name, keep_alive=keep_alive_field(body))
-        return web.json_response({"embedding": []})
+        return jresp({"embedding": []})
     async with engine_call(request, name, "/v1/embeddings", body=json.dumps(payload).encode(),
                            keep_alive=keep_alive_field(body)) as call:
         answer = await call.resp.json(content_type=None)
-        return web.json_response(rx.embeddings_response(answer))
+        return jresp(rx.embeddings_response(answer))
 
 
 def add_routes(app: web.Application) -> None:

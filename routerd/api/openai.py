@@ -10,7 +10,7 @@ from aiohttp import web
 
 from .. import keys
 from ..errors import BadRequest
-from .common import engine_call, keep_alive_field, model_field, note_request, read_json
+from .common import engine_call, keep_alive_field, model_field, note_request, read_json, jresp
 from .streaming import relay_body, relay_sse
 
 
@@ -48,7 +48,7 @@ async def models(request: web.Request) -> web.Response:
         data.append({"id": e.name, "object": "model", "created": created,
                      "owned_by": "routerd", "routerd": {"source": e.source,
                                                          "aliases": list(e.aliases)}})
-    return web.json_response({"object": "list", "data": data})
+    return jresp({"object": "list", "data": data})
 
 
 def add_routes(app: web.Application) -> None:

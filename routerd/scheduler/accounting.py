@@ -85,14 +85,15 @@ class Accountant:
                 out[f"gpu{d.index}"] = max(0, d.total - self.config.memory.gpu_reserve)
         return out
 
-    def _key(self, entry: ModelEntry) -> tuple:
+    def _key(self, entry: ModelEntry) -> memory.MeasureKey | None:
         ls = entry.launch
+        if not ls.path:
+            return None
         try:
-            st = os.stat(ls.path)
-            facts: tuple = (st.st_size, int(st.st_mtime))
+            return memory.MeasureKey.for_file(ls.path, ctx=ls.ctx_size, parallel=ls.parallel,
+                                              backend=ls.backend)
         except OSError:
-            facts = (0, 0)
-        return (ls.path, *facts, ls.ctx_size, ls.parallel, ls.backend)
+            return None
 
     def need(self, entry: ModelEntry) -> tuple[dict[str, int], dict[str, int]]:
         """(bytes to book per resource, the raw estimate per resource)."""
@@ -107,13 +108,12 @@ class Accountant:
             e = memory.estimate(info, ctx_size=ls.ctx_size, parallel=ls.parallel,
                                 gpu_layers=gpu_layers, gpu_count=len(self._devices),
                                 backend=ls.backend)
-            est = {"ram": e.ram}
-            if self._devices and e.vram:
-                est[f"gpu{self._devices[0].index}"] = e.vram
+            est = e.need([d.index for d in self._devices])
         booked = dict(est)
-        corrected = self.book.correct(self._key(entry), est["ram"])
-        if corrected:
-            booked["ram"] = int(corrected)
+        key = self._key(entry)
+        if key is not None:
+            for resource, n in est.items():
+                booked[resource] = int(self.book.correct(key, n, resource))
         return booked, est
 
     def measure(self, entry: ModelEntry, worker: Worker, estimate: dict[str, int]
@@ -129,7 +129,10 @@ class Accountant:
             vram = self.gpu.process_vram({worker.pid})
             if vram:
                 held[f"gpu{self._devices[0].index}"] = int(vram)
-        self.book.record(self._key(entry), held["ram"], estimate.get("ram", 0))
+        key = self._key(entry)
+        if key is not None:
+            for resource, n in held.items():
+                self.book.record(key, n, estimate.get(resource, 0), resource)
         log.info("memory.measured", model=entry.name, held=held, estimate=estimate)
         return held
 
