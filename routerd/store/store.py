@@ -330,24 +330,29 @@ class Store:
         data = source.manifest_path.read_bytes()
         manifest = parse_manifest(data)
         with self.pinned(manifest.digests()):
-            if source.readonly:
-                for layer in manifest.all_layers():
-                    self._import_blob(layer, source.root or self.root)
+            for layer in manifest.all_layers():
+                if not self.import_blob(layer.digest):
+                    raise ModelNotFound(f"model '{src}' is missing blob {layer.ref}")
             self.write_manifest(dest, data)
         copied = self.resolve(dest.full)
         assert copied is not None
         log.info("store.copied", src=source.name, dst=copied.name)
         return copied
 
-    def _import_blob(self, layer: Layer, root: Path) -> None:
-        if self.adopt_blob(layer.digest):
-            return
-        src = root / "blobs" / blob_filename(layer.digest)
-        dst = self.blob_path(layer.digest)
+    def import_blob(self, digest: str) -> bool:
+        """Make a blob present in the writable store (hard link, else copy from a
+        read-only store); False when no store has it."""
+        if self.adopt_blob(digest):
+            return True
+        src = self.find_blob(digest)
+        if src is None:
+            return False
+        dst = self.blob_path(digest)
         tmp = dst.with_name(dst.name + "-partial-copy")
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
         fsync_dir(dst.parent)
+        return True
 
     def _prune_dirs(self, start: Path) -> None:
         base = self.root / "manifests"
