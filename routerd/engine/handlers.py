@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -193,7 +193,10 @@ async def completion(request: web.Request) -> web.StreamResponse:
     return await _relay(request, runner.stream(job), encode, tail=b"")
 
 
-async def _relay(request: web.Request, pieces: AsyncIterator[Piece], encode: Any,
+Encoder = Callable[[Piece], list[bytes]]
+
+
+async def _relay(request: web.Request, pieces: AsyncIterator[Piece], encode: Encoder,
                  tail: bytes) -> web.StreamResponse:
     """Stream pieces as SSE. An error before the first piece is a plain HTTP error;
     after it, it goes in-band. Leaving early (client gone) cancels the generation."""

@@ -10,6 +10,7 @@ the model while a token is still being computed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Generic, Iterator, TypeVar
@@ -61,7 +62,8 @@ class Channel(Generic[T]):
         return self._post(item)
 
     def finish(self, error: BaseException | None) -> None:
-        self._post(_End(error))
+        """Loop side: the job is over (with `error` if it failed)."""
+        self._queue.put_nowait(_End(error))
 
     def _post(self, item: T | _End) -> bool:
         try:
@@ -139,33 +141,41 @@ class ModelRunner(Generic[M]):
             channel.close()
 
     async def call(self, job: Job[M, T]) -> T:
-        """Run a job that yields exactly one value; return it."""
-        agen = self.stream(job)
-        try:
-            async for item in agen:
-                return item
-        finally:
-            await agen.aclose()
-        raise RuntimeError("engine job produced no result")
+        """Run a job that yields one value; return it once the job is over (model free)."""
+        results: list[T] = []
+        async with contextlib.aclosing(self.stream(job)) as items:
+            async for item in items:
+                results.append(item)
+        if not results:
+            raise RuntimeError("engine job produced no result")
+        return results[0]
 
     def _work(self, job: Job[M, T], control: GenerationControl, channel: Channel[T],
               loop: asyncio.AbstractEventLoop) -> None:
         error: BaseException | None = None
-        items = job(self.model, control)
+        items: Iterator[T] | None = None
         try:
             control.start()
+            items = job(self.model, control)
             for item in items:
                 if not channel.put(item):
                     break
         except Exception as exc:  # reported to the reader, which renders it
             error = exc
         finally:
-            items.close()  # type: ignore[attr-defined]
-            channel.finish(error)
             try:
-                loop.call_soon_threadsafe(self._release)
+                if items is not None and hasattr(items, "close"):
+                    items.close()  # stop the library's generator before freeing the model
+            except Exception as exc:
+                log.warning("engine.job_close_failed", error=str(exc))
+            try:  # one callback: the model is free before the reader sees the end
+                loop.call_soon_threadsafe(self._finish, channel, error)
             except RuntimeError:
                 pass  # loop gone: the process is exiting
+
+    def _finish(self, channel: Channel[T], error: BaseException | None) -> None:
+        self._release()
+        channel.finish(error)
 
     def _release(self) -> None:
         self._current = None

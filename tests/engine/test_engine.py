@@ -1,6 +1,7 @@
 """routerd's llama-cpp-python worker, as a real subprocess over the real model.
 
 One worker is shared by the module; the lifeline and SIGTERM tests start their own.
+The runner and wire tests at the end need neither llama_cpp nor the model.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-pytestmark = pytest.mark.engine
-
 MODEL = Path(os.environ.get("ROUTERD_TEST_MODEL", Path.home() / ".cache/routerd/models/"
                             "SmolLM2-135M-Instruct.Q4_1.gguf")).expanduser()
 REPO = Path(__file__).resolve().parents[2]
@@ -33,8 +32,10 @@ LOAD_TIMEOUT = 60.0
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=60)
 MOON = [{"role": "user", "content": "Who was the first man on the moon?"}]
 
-if importlib.util.find_spec("llama_cpp") is None or not MODEL.is_file():
-    pytest.skip("needs llama_cpp and the SmolLM2 model (make install)", allow_module_level=True)
+HAVE_ENGINE = importlib.util.find_spec("llama_cpp") is not None and MODEL.is_file()
+engine = pytest.mark.engine
+needs_model = pytest.mark.skipif(not HAVE_ENGINE,
+                                 reason="needs llama_cpp and the SmolLM2 model (make install)")
 
 
 def free_port() -> int:
@@ -129,6 +130,8 @@ async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
 # -- lifecycle and metadata ------------------------------------------------------------
 
 
+@engine
+@needs_model
 async def test_health_goes_from_loading_to_ok(worker: Worker,
                                               session: aiohttp.ClientSession) -> None:
     assert worker.health_seen[-1] == 200
@@ -138,6 +141,8 @@ async def test_health_goes_from_loading_to_ok(worker: Worker,
         assert await r.json() == {"status": "ok"}
 
 
+@engine
+@needs_model
 async def test_requests_without_the_key_are_refused(worker: Worker,
                                                     session: aiohttp.ClientSession) -> None:
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
@@ -148,6 +153,8 @@ async def test_requests_without_the_key_are_refused(worker: Worker,
         assert r.status == 401
 
 
+@engine
+@needs_model
 async def test_models_props_and_slots(worker: Worker, session: aiohttp.ClientSession) -> None:
     async with session.get(worker.url + "/v1/models", headers=AUTH) as r:
         models = await r.json()
@@ -171,6 +178,8 @@ def assert_timings(timings: dict[str, Any]) -> None:
     assert timings["prompt_ms"] >= 0 and timings["predicted_ms"] >= 0
 
 
+@engine
+@needs_model
 async def test_chat_completion(worker: Worker, session: aiohttp.ClientSession) -> None:
     out = await post(session, worker, "/v1/chat/completions",
                      {"model": "smol", "messages": MOON, "temperature": 0, "max_tokens": 24})
@@ -180,6 +189,8 @@ async def test_chat_completion(worker: Worker, session: aiohttp.ClientSession) -
     assert_timings(out["timings"])
 
 
+@engine
+@needs_model
 async def test_chat_completion_stream(worker: Worker, session: aiohttp.ClientSession) -> None:
     body = {"messages": MOON, "temperature": 0, "max_tokens": 24, "stream": True,
             "stream_options": {"include_usage": True}, "unknown_field": 1}
@@ -198,6 +209,8 @@ async def test_chat_completion_stream(worker: Worker, session: aiohttp.ClientSes
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] >= 1
 
 
+@engine
+@needs_model
 async def test_text_completion(worker: Worker, session: aiohttp.ClientSession) -> None:
     out = await post(session, worker, "/v1/completions",
                      {"prompt": "The capital of France is", "temperature": 0, "max_tokens": 8})
@@ -207,6 +220,8 @@ async def test_text_completion(worker: Worker, session: aiohttp.ClientSession) -
     assert_timings(out["timings"])
 
 
+@engine
+@needs_model
 async def test_native_completion(worker: Worker, session: aiohttp.ClientSession) -> None:
     out = await post(session, worker, "/completion",
                      {"prompt": "The capital of France is", "n_predict": 8, "temperature": 0})
@@ -215,6 +230,8 @@ async def test_native_completion(worker: Worker, session: aiohttp.ClientSession)
     assert_timings(out["timings"])
 
 
+@engine
+@needs_model
 async def test_native_completion_stream(worker: Worker,
                                         session: aiohttp.ClientSession) -> None:
     body = {"prompt": "The capital of France is", "n_predict": 8, "temperature": 0,
@@ -229,6 +246,8 @@ async def test_native_completion_stream(worker: Worker,
     assert "Paris" in "".join(o["content"] for o in objs)
 
 
+@engine
+@needs_model
 async def test_embeddings_have_the_models_width(worker: Worker,
                                                 session: aiohttp.ClientSession) -> None:
     async with session.get(worker.url + "/v1/models", headers=AUTH) as r:
@@ -244,6 +263,8 @@ async def test_embeddings_have_the_models_width(worker: Worker,
     assert "Armstrong" in chat["choices"][0]["message"]["content"]
 
 
+@engine
+@needs_model
 async def test_tokenize_detokenize_round_trip(worker: Worker,
                                               session: aiohttp.ClientSession) -> None:
     text = "Hello world, how are you?"
@@ -253,6 +274,8 @@ async def test_tokenize_detokenize_round_trip(worker: Worker,
     assert back["content"] == text
 
 
+@engine
+@needs_model
 async def test_bad_requests_are_400(worker: Worker, session: aiohttp.ClientSession) -> None:
     for path, body in (("/v1/chat/completions", {"messages": "nope"}),
                        ("/completion", {"prompt": "x", "temperature": "hot"}),
@@ -275,6 +298,8 @@ async def slots_idle(session: aiohttp.ClientSession, worker: Worker, within: flo
     return False
 
 
+@engine
+@needs_model
 async def test_disconnect_mid_stream_frees_the_model(worker: Worker,
                                                      session: aiohttp.ClientSession) -> None:
     # A long generation (end tokens banned): without cancellation it would run for
@@ -300,6 +325,8 @@ async def test_disconnect_mid_stream_frees_the_model(worker: Worker,
     assert out["choices"][0]["text"]
 
 
+@engine
+@needs_model
 async def test_concurrent_requests_are_serialised(worker: Worker,
                                                   session: aiohttp.ClientSession) -> None:
     body = {"messages": MOON, "temperature": 0, "max_tokens": 16}
@@ -312,6 +339,8 @@ async def test_concurrent_requests_are_serialised(worker: Worker,
 # -- process lifecycle -------------------------------------------------------------------
 
 
+@engine
+@needs_model
 async def test_lifeline_eof_kills_the_worker(tmp_path: Path,
                                              session: aiohttp.ClientSession) -> None:
     read_end, write_end = os.pipe()
@@ -331,6 +360,8 @@ async def test_lifeline_eof_kills_the_worker(tmp_path: Path,
         await stop_worker(w)
 
 
+@engine
+@needs_model
 async def test_sigterm_exits_zero(tmp_path: Path, session: aiohttp.ClientSession) -> None:
     w = await start_worker(tmp_path)
     try:
@@ -343,6 +374,8 @@ async def test_sigterm_exits_zero(tmp_path: Path, session: aiohttp.ClientSession
         await stop_worker(w)
 
 
+@engine
+@needs_model
 async def test_load_failure_exits_nonzero(tmp_path: Path) -> None:
     bogus = tmp_path / "not-a-model.gguf"
     bogus.write_bytes(b"GGUF" + b"\0" * 64)
@@ -358,3 +391,115 @@ async def test_load_failure_exits_nonzero(tmp_path: Path) -> None:
             await proc.wait()
     assert proc.returncode == 1
     assert b"engine.load_failed" in err
+
+
+# -- the runner and the wire format, without llama_cpp -------------------------------------
+
+from routerd.engine import wire  # noqa: E402
+from routerd.engine.runner import ModelRunner, RunnerClosed  # noqa: E402
+from routerd.engine.stats import GenerationControl, TokenStats  # noqa: E402
+from routerd.errors import BadRequest  # noqa: E402
+
+
+class FakeModel:
+    """Counts the 'tokens' a job produced, like a model would."""
+
+    def __init__(self) -> None:
+        self.produced = 0
+
+
+def counting_job(limit: int) -> Any:
+    def job(model: FakeModel, control: GenerationControl) -> Any:
+        for i in range(limit):
+            if not control.on_token(False):
+                return
+            model.produced += 1
+            yield {"i": i}
+    return job
+
+
+async def test_runner_streams_everything_with_back_pressure() -> None:
+    runner = ModelRunner(FakeModel(), slots=2)
+    items = [item async for item in runner.stream(counting_job(500))]  # > channel capacity
+    assert [i["i"] for i in items] == list(range(500))
+    assert not runner.busy
+
+
+async def test_runner_stops_the_job_when_the_reader_leaves() -> None:
+    model = FakeModel()
+    runner = ModelRunner(model, slots=2)
+    async with contextlib.aclosing(runner.stream(counting_job(10**9))) as items:
+        async for item in items:
+            if item["i"] == 3:
+                break
+    assert await runner.close(timeout=2.0) is True  # the model came back
+    assert model.produced < 10**6
+    with pytest.raises(RunnerClosed):
+        await runner.call(counting_job(1))
+
+
+async def test_runner_serialises_jobs_and_reports_slots() -> None:
+    runner = ModelRunner(FakeModel(), slots=2)
+    first = runner.stream(counting_job(10**9))
+    assert (await anext(first))["i"] == 0
+    waiting = asyncio.ensure_future(runner.call(counting_job(1)))
+    await asyncio.sleep(0)  # let it queue on the lock
+    assert runner.slot_states() == [True, True]
+    assert not waiting.done()
+    await first.aclose()
+    assert await asyncio.wait_for(waiting, 2.0) == {"i": 0}
+    assert runner.slot_states() == [False, False]
+
+
+async def test_runner_reports_job_errors() -> None:
+    def failing(model: FakeModel, control: GenerationControl) -> Any:
+        raise ValueError("Requested tokens (9000) exceed context window of 4096")
+        yield  # pragma: no cover
+
+    runner = ModelRunner(FakeModel(), slots=1)
+    with pytest.raises(ValueError):
+        await runner.call(failing)
+    assert wire.as_routerd_error(ValueError("x")).status == 400
+    assert not runner.busy
+
+
+def test_sampling_fields_are_parsed_and_validated() -> None:
+    out = wire.sampling_kwargs({"temperature": 0, "top_k": 5, "seed": -1, "stop": "\n",
+                                "n_predict": 16, "logit_bias": {"2": -100},
+                                "mirostat": 2, "unknown": True})
+    assert out["temperature"] == 0.0 and out["top_k"] == 5 and out["seed"] is None
+    assert out["stop"] == ["\n"] and out["max_tokens"] == 16
+    assert out["logit_bias"] == {2: -100.0}
+    assert out["top_p"] == wire.SAMPLING_DEFAULTS["top_p"]
+    assert wire.sampling_kwargs({"max_tokens": -1})["max_tokens"] is None
+    assert wire.sampling_kwargs({"logit_bias": [[7, False]]})["logit_bias"][7] < -1e20
+    for bad in ({"temperature": "hot"}, {"top_k": 1.5}, {"stop": [1]}, {"logit_bias": 3}):
+        with pytest.raises(BadRequest):
+            wire.sampling_kwargs(bad)
+
+
+def test_chat_kwargs_flatten_text_parts_and_map_response_format() -> None:
+    out = wire.chat_kwargs({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+        "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}},
+        "tools": [{"type": "function", "function": {"name": "f"}}]}, "smol")
+    assert out["messages"] == [{"role": "user", "content": "ab"}]
+    assert out["response_format"] == {"type": "json_object", "schema": {"type": "object"}}
+    assert out["tools"] and out["model"] == "smol"
+    with pytest.raises(BadRequest):
+        wire.chat_kwargs({"messages": []}, "smol")
+    assert wire.prompt_of({"prompt": ["only one"]}) == "only one"
+    with pytest.raises(BadRequest):
+        wire.prompt_of({"prompt": ["two", "prompts"]})
+
+
+def test_timings_and_usage_follow_llama_server() -> None:
+    stats = TokenStats(prompt_tokens=10, cached_tokens=4, predicted=5, prompt_ms=60.0,
+                       predicted_ms=40.0, stopped_eos=True)
+    t = stats.timings()
+    assert (t["cache_n"], t["prompt_n"], t["predicted_n"]) == (4, 6, 5)
+    assert t["prompt_per_token_ms"] == 10.0 and t["predicted_per_second"] == 125.0
+    assert stats.usage() == {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+    final = wire.native_final("x", "stop", stats, "smol", [])
+    assert final["stopped_eos"] and final["stop_type"] == "eos" and final["stop"] is True
+    assert wire.native_final("", "length", stats, "smol", [])["stopped_limit"]
