@@ -29,6 +29,19 @@ ACCOUNTANT: web.AppKey[Accountant] = web.AppKey("accountant", Accountant)
 DISCOVERY: web.AppKey[Callable[[], Iterable[ModelEntry]]] = web.AppKey("discovery")
 
 
+async def discovery_context(app: web.Application) -> AsyncIterator[None]:
+    """Models other tools downloaded: found at start (and on refresh), read only."""
+    if DISCOVERY not in app:
+        from .discovery import Discovery
+
+        config = app[keys.CONFIG]
+        discovery = Discovery(config)
+        llama_server = find_llama_server(config.engines.llama_server)
+        app[keys.OLLAMA_DIRS] = discovery.ollama_dirs()
+        app[DISCOVERY] = lambda: discovery.entries(llama_server)
+    yield
+
+
 async def http_context(app: web.Application) -> AsyncIterator[None]:
     """One pooled client session for every worker; no per-request setup."""
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
@@ -119,8 +132,8 @@ def make_app(config: Config, *, accountant: Accountant | None = None,
         app[ACCOUNTANT] = accountant
     if discovery is not None:
         app[DISCOVERY] = discovery
-    app.cleanup_ctx.extend([metrics_context, http_context, store_routes.store_context,
-                            scheduler_context])
+    app.cleanup_ctx.extend([metrics_context, discovery_context, http_context,
+                            store_routes.store_context, scheduler_context])
     ollama.add_routes(app)
     openai.add_routes(app)
     native.add_routes(app)

@@ -90,6 +90,18 @@ def entry_from_store(sm: Any, *, llama_server: str | None, ctx_size: int = 4096)
         license=sm.license)
 
 
+def _renamed(e: ModelEntry, taken: Mapping[str, str]) -> ModelEntry:
+    from dataclasses import replace
+
+    base, sep, tag = e.name.partition(":")
+    for i in range(2, 1000):
+        name = f"{base}-{i}{sep}{tag}"
+        if name not in taken:
+            return replace(e, name=name, aliases=(),
+                           launch=replace(e.launch, model=name))
+    raise RuntimeError(f"no free name for {e.name}")
+
+
 class Catalog:
     """Name → ModelEntry, rebuilt by `refresh()` (start, SIGHUP, pull, delete)."""
 
@@ -111,12 +123,14 @@ class Catalog:
         shadowed: list[tuple[str, str]] = []
 
         def add(e: ModelEntry) -> None:
+            if any(k in names for k in (e.name, *e.aliases)):
+                if not e.source.startswith("discovered"):
+                    shadowed.append((e.name, e.location))
+                    return
+                e = _renamed(e, names)  # a discovered model never takes a claimed name
             keys = [e.name, *e.aliases]
             if e.name.endswith(":latest"):
                 keys.append(e.name[: -len(":latest")])
-            if any(k in names for k in (e.name, *e.aliases)):
-                shadowed.append((e.name, e.location))
-                return
             entries[e.name] = e
             for k in keys:
                 names.setdefault(k, e.name)

@@ -47,6 +47,7 @@ def _tag(e: ModelEntry) -> dict[str, Any]:
 
 async def tags(request: web.Request) -> web.Response:
     catalog = request.app[keys.CATALOG]
+    catalog.refresh()  # pulls, deletes and files on disk change between calls; reads are cached
     return jresp({"models": [_tag(e) for e in catalog.entries()]})
 
 

@@ -48,6 +48,7 @@ async def store_context(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: the Store (models_dir + ollama_models_dir read-only) and the Puller."""
     config = app[keys.CONFIG]
     readonly = [config.expand(config.ollama_models_dir)] if config.ollama_models_dir else []
+    readonly += [d for d in app.get(keys.OLLAMA_DIRS, []) if d not in readonly]
     store = Store(config.expand(config.models_dir), readonly)
     puller = Puller(store, allow_hosts=config.registries.allow,
                     insecure_default=config.registries.insecure)
