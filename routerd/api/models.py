@@ -32,6 +32,7 @@ log = structlog.get_logger(__name__)
 
 PULLER = web.AppKey("puller", Puller)
 NDJSON = "application/x-ndjson"
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # Ollama: compact
 _PARAM_KEY = re.compile(r"^[a-z_][a-z0-9_]{0,63}$")
 
 
@@ -89,7 +90,7 @@ async def stream_events(request: web.Request,
     try:
         async with contextlib.aclosing(events) as it:  # type: ignore[type-var]
             async for event in it:
-                await resp.write(json.dumps(event).encode() + b"\n")
+                await resp.write(_encode(event).encode() + b"\n")
     except (ConnectionResetError, ConnectionError):
         log.info("pull.client_left", path=request.path)
         return resp
@@ -105,7 +106,7 @@ async def stream_events(request: web.Request,
 
 async def _write_error(resp: web.StreamResponse, message: str) -> None:
     with contextlib.suppress(ConnectionError):
-        await resp.write(json.dumps({"error": message}).encode() + b"\n")
+        await resp.write(_encode({"error": message}).encode() + b"\n")
 
 
 # ---------------------------------------------------------------- handlers
@@ -124,7 +125,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
     async with contextlib.aclosing(events) as it:  # type: ignore[type-var]
         async for event in it:
             last = event
-    return web.json_response(last)
+    return web.json_response(last, dumps=_encode)
 
 
 async def delete(request: web.Request) -> web.Response:
@@ -168,7 +169,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     store: Store = request.app[keys.STORE]
     events = await asyncio.to_thread(build_model, store, name, body)
     if body.get("stream", True) is False:
-        return web.json_response(events[-1])
+        return web.json_response(events[-1], dumps=_encode)
 
     async def replay() -> AsyncIterator[dict[str, Any]]:
         for e in events:

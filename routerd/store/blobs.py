@@ -397,10 +397,10 @@ class BlobDownload:
                 failures = 0 if part.completed > before else failures + 1
                 if failures >= self.policy.max_attempts:
                     raise DownloadError(f"downloading {self.key}: giving up after "
-                                        f"{failures} attempts: {_describe(e)}") from None
+                                        f"{failures} attempts: {describe(e)}") from None
                 delay = min(self.policy.max_backoff, self.policy.backoff * 2 ** max(0, failures - 1))
                 log.info("pull.part_retry", key=self.key, offset=part.offset,
-                         completed=part.completed, error=_describe(e), delay=delay)
+                         completed=part.completed, error=describe(e), delay=delay)
                 await asyncio.sleep(delay)
 
     async def _fetch(self, part: Part) -> None:
@@ -435,7 +435,8 @@ class BlobDownload:
             raise _DiskError(e) from None
 
 
-def _describe(e: BaseException) -> str:
+def describe(e: BaseException) -> str:
+    """A short, log-friendly reason for a network failure."""
     if isinstance(e, asyncio.TimeoutError):
         return "timed out (stalled)"
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__

@@ -33,7 +33,7 @@ MESSAGES = MEDIA_PREFIX + "messages"
 MAX_MANIFEST = 4 * 1024 * 1024
 MAX_LAYERS = 256
 MAX_BLOB = 1 << 44  # 16 TiB: anything larger is a lie
-_MEDIA_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+/_-]{0,126}$")
+_MEDIA_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+/_-]{0,126}\Z")
 
 
 class ManifestError(BadRequest):

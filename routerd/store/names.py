@@ -32,10 +32,10 @@ URL_NAMESPACE = "url"
 # Hosts that serve the same registry under two names (token realms may cross between them).
 HOST_ALIASES = {"hf.co": "huggingface.co", "huggingface.co": "hf.co"}
 
-DIGEST_RE = re.compile(r"^sha256[:-]([0-9a-f]{64})$")
-_HOST_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}$")
-_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,79}$")
-_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}$")
+DIGEST_RE = re.compile(r"^sha256[:-]([0-9a-f]{64})\Z")
+HOST_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}\Z")
+NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,79}\Z")
+PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}\Z")
 _MAX_NAME = 600
 
 
@@ -138,8 +138,8 @@ def parse_name(text: str) -> ModelName:
     model = parts[-1]
     namespace = parts[-2] if len(parts) >= 2 else DEFAULT_NAMESPACE
     host = parts[-3] if len(parts) == 3 else DEFAULT_HOST
-    for value, rx, what in ((host, _HOST_RE, "host"), (namespace, _NAMESPACE_RE, "namespace"),
-                            (model, _PART_RE, "model"), (tag, _PART_RE, "tag")):
+    for value, rx, what in ((host, HOST_RE, "host"), (namespace, NAMESPACE_RE, "namespace"),
+                            (model, PART_RE, "model"), (tag, PART_RE, "tag")):
         if not rx.match(value):
             raise _bad(raw, f"bad {what} {value[:80]!r}")
     if ".." in host:
@@ -162,11 +162,11 @@ def url_model_name(url: str) -> ModelName:
     Characters a model name may not hold become ``-``; the stem is cut to 80."""
     parts = urlsplit(url.strip())
     host = parts.netloc.rsplit("@", 1)[-1]  # never keep userinfo
-    if parts.scheme not in ("http", "https") or not _HOST_RE.match(host or "") or ".." in host:
+    if parts.scheme not in ("http", "https") or not HOST_RE.match(host or "") or ".." in host:
         raise BadRequest(f"invalid model URL {url[:200]!r}")
     stem = unquote(parts.path.rsplit("/", 1)[-1])
     stem = stem[:-5] if stem.lower().endswith(".gguf") else stem
     stem = re.sub(r"[^A-Za-z0-9_.-]", "-", stem).lstrip(".-")[:80].rstrip(".") or "model"
-    if not _PART_RE.match(stem):
+    if not PART_RE.match(stem):
         stem = f"m{stem}"[:80]
     return ModelName(parts.scheme, host, URL_NAMESPACE, stem, DEFAULT_TAG, None)

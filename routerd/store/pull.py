@@ -38,7 +38,8 @@ import structlog
 from yarl import URL
 
 from ..errors import BadRequest, Forbidden, ModelNotFound
-from .blobs import BlobDownload, DigestMismatch, DownloadError, DownloadPolicy, RetryableError
+from .blobs import (BlobDownload, DigestMismatch, DownloadError, DownloadPolicy, RetryableError,
+                    describe)
 from .manifests import (CONFIG_V1, MANIFEST_V2, MAX_MANIFEST, MODEL, Layer, build_config,
                         build_manifest, parse_manifest)
 from .gguf import details
@@ -324,12 +325,15 @@ class Puller:
         return bool(info["validator"]) and stored == info
 
     async def _probe_url(self, url: URL, insecure: bool) -> tuple[int, bool, str | None]:
-        async with self._request("HEAD", url, None, insecure) as resp:
-            if resp.status >= 400:
-                raise DownloadError(f"{url}: HTTP {resp.status}")
-            size = resp.content_length
-            ranges = "bytes" in resp.headers.get("Accept-Ranges", "").lower()
-            etag = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
+        try:
+            async with self._request("HEAD", url, None, insecure) as resp:
+                if resp.status >= 400:
+                    raise DownloadError(f"{url}: HTTP {resp.status}")
+                size = resp.content_length
+                ranges = "bytes" in resp.headers.get("Accept-Ranges", "").lower()
+                etag = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise DownloadError(f"{url}: {describe(e)}") from None
         if not size:
             raise DownloadError(f"{url}: the server did not say how large the file is")
         return size, ranges, etag
@@ -344,24 +348,30 @@ class Puller:
         n = target.name
         ref = f"sha256:{n.digest}" if n.digest else n.tag
         url = target.base.with_path(f"/v2/{n.repository}/manifests/{ref}")
-        async with self._request("GET", url, self._scope(target), target.insecure,
-                                 headers={"Accept": MANIFEST_V2}) as resp:
-            if resp.status == 404:
-                raise ModelNotFound("pull model manifest: file does not exist")
-            if resp.status != 200:
-                raise DownloadError(f"pull model manifest: HTTP {resp.status} from {n.host}")
-            data = await resp.content.read(MAX_MANIFEST + 1)
+        try:
+            async with self._request("GET", url, self._scope(target), target.insecure,
+                                     headers={"Accept": MANIFEST_V2}) as resp:
+                if resp.status == 404:
+                    raise ModelNotFound("pull model manifest: file does not exist")
+                if resp.status != 200:
+                    raise DownloadError(f"pull model manifest: HTTP {resp.status} from {n.host}")
+                data = await resp.content.read(MAX_MANIFEST + 1)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise DownloadError(f"pull model manifest: {describe(e)}") from None
         if n.digest and hashlib.sha256(data).hexdigest() != n.digest:
             raise DownloadError("pull model manifest: digest does not match the name")
         return data
 
     async def _probe_blob(self, url: URL, scope: str, layer: Layer, insecure: bool) -> None:
-        async with self._request("HEAD", url, scope, insecure) as resp:
-            if resp.status == 200 and resp.content_length not in (None, layer.size):
-                raise DownloadError(f"blob {layer.ref}: registry says {resp.content_length} "
-                                    f"bytes, manifest says {layer.size}")
-            if resp.status == 404:
-                raise DownloadError(f"blob {layer.ref}: not found on the registry")
+        try:
+            async with self._request("HEAD", url, scope, insecure) as resp:
+                if resp.status == 200 and resp.content_length not in (None, layer.size):
+                    raise DownloadError(f"blob {layer.ref}: registry says {resp.content_length}"
+                                        f" bytes, manifest says {layer.size}")
+                if resp.status == 404:
+                    raise DownloadError(f"blob {layer.ref}: not found on the registry")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise DownloadError(f"blob {layer.ref}: {describe(e)}") from None
 
     @contextlib.asynccontextmanager
     async def _request(self, method: str, url: URL, scope: str | None, insecure: bool, *,

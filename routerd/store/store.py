@@ -32,14 +32,11 @@ from . import gguf
 from .blobs import atomic_write, fsync_dir, write_blob_bytes
 from .manifests import (CONFIG_V1, LICENSE, MODEL, PARAMS, PROJECTOR, SYSTEM, TEMPLATE, Layer,
                         Manifest, ManifestError, details_from_config, parse_manifest)
-from .names import ModelName, blob_filename, parse_name
+from .names import HOST_RE, NAMESPACE_RE, PART_RE, ModelName, blob_filename, parse_name
 
 log = structlog.get_logger(__name__)
 
 _SMALL_LAYER = 4 * 1024 * 1024
-_HOST_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}$")
-_NS_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,79}$")
-_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}$")
 
 
 @dataclass(frozen=True)
@@ -131,12 +128,12 @@ class Store:
 
     def _manifest_files(self, root: Path) -> Iterator[tuple[ModelName, Path]]:
         base = root / "manifests"
-        for host in _subdirs(base, _HOST_RE):
-            for ns in _subdirs(host, _NS_RE):
-                for model in _subdirs(ns, _PART_RE):
+        for host in _subdirs(base, HOST_RE):
+            for ns in _subdirs(host, NAMESPACE_RE):
+                for model in _subdirs(ns, PART_RE):
                     with contextlib.suppress(OSError):
                         for tag in os.scandir(model):
-                            if tag.is_file() and _PART_RE.match(tag.name):
+                            if tag.is_file() and PART_RE.match(tag.name):
                                 yield (ModelName("https", host.name, ns.name, model.name,
                                                  tag.name), Path(tag.path))
 

@@ -80,12 +80,14 @@ class Faults:
     refuse_after_cut: bool = False
     stall_after: int | None = None
     corrupt: set[str] = field(default_factory=set)
+    delay: float = 0.0  # seconds to sleep per chunk sent (slows a download down)
     cut_done: bool = False
     stall_done: bool = False
 
     def reset(self) -> None:
         self.cut_after, self.refuse_after_cut, self.stall_after = None, False, None
         self.corrupt.clear()
+        self.delay = 0.0
         self.cut_done = self.stall_done = False
 
 
@@ -97,6 +99,7 @@ class FakeRegistry:
         self.chunk_size = chunk_size
         self.blobs: dict[str, Blob] = {}
         self.manifests: dict[tuple[str, str, str], bytes] = {}
+        self.files: dict[str, Blob] = {}
         self.faults = Faults()
         self.served: Counter[str] = Counter()
         self.served_total = 0
@@ -132,6 +135,11 @@ class FakeRegistry:
         self.manifests[(namespace, model, tag)] = data
         self.manifests[(namespace, model, f"sha256:{hashlib.sha256(data).hexdigest()}")] = data
         return data
+
+    def add_file(self, name: str, blob: Blob) -> str:
+        """Serve ``blob`` at ``/files/<name>`` (with ETag and Range): a direct download URL."""
+        self.files[name] = blob
+        return f"http://{self.host}/files/{name}"
 
     def add_raw_manifest(self, namespace: str, model: str, tag: str, data: bytes) -> None:
         self.manifests[(namespace, model, tag)] = data
@@ -169,6 +177,7 @@ class FakeRegistry:
         app.router.add_get("/v2/{ns}/{model}/manifests/{ref}", self._manifest)
         app.router.add_route("*", "/v2/{ns}/{model}/blobs/{digest}", self._blob)
         app.router.add_get("/token", self._token)
+        app.router.add_route("*", "/files/{name}", self._file)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -227,11 +236,21 @@ class FakeRegistry:
             return denied
         m = _DIGEST.match(request.match_info["digest"])
         blob = self.blobs.get(m.group(1)) if m else None
+        return await self._serve(request, blob)
+
+    async def _file(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append((request.method, request.path, request.headers.get("Range", "")))
+        return await self._serve(request, self.files.get(request.match_info["name"]),
+                                 {"ETag": '"v1"'})
+
+    async def _serve(self, request: web.Request, blob: Blob | None,
+                     extra: dict[str, str] | None = None) -> web.StreamResponse:
+        rng = request.headers.get("Range", "")
         if blob is None:
             return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
         if request.method == "HEAD":
             return web.Response(headers={"Content-Length": str(blob.size),
-                                         "Accept-Ranges": "bytes"})
+                                         "Accept-Ranges": "bytes", **(extra or {})})
         if request.method != "GET":
             return web.Response(status=405)
         if self.faults.refuse_after_cut and self.faults.cut_done:
@@ -246,6 +265,7 @@ class FakeRegistry:
         resp = web.StreamResponse(status=status)
         resp.content_length = end - start
         resp.headers["Accept-Ranges"] = "bytes"
+        resp.headers.update(extra or {})
         if status == 206:
             resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{blob.size}"
         await resp.prepare(request)
@@ -277,14 +297,16 @@ class FakeRegistry:
                 self._abort(request)
                 return
             await self._count_write(resp, blob, chunk)
+            if f.delay:
+                await asyncio.sleep(f.delay)
             pos += len(chunk)
             mine += len(chunk)
         await resp.write_eof()
 
     async def _count_write(self, resp: web.StreamResponse, blob: Blob, data: bytes) -> None:
-        await resp.write(data)
-        self.served[blob.digest] += len(data)
+        self.served[blob.digest] += len(data)  # counted before the await: the cut is exact
         self.served_total += len(data)
+        await resp.write(data)
 
     @staticmethod
     def _abort(request: web.Request) -> None:
