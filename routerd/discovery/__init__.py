@@ -83,9 +83,11 @@ class Discovery:
         names = naming.distinct(wanted)
         backend = resolve_backend("auto", "", llama_server)  # a GGUF, never a llamafile
         out = []
+        stems = _stems_by_group(models)
         for f, name in zip(models, names):
-            proj = _pick_projector(projectors.get(f.cand.group, []), f.facts.quant)
-            out.append(_entry(f, name, backend, proj))
+            usable = [p for p in projectors.get(f.cand.group, [])
+                      if len(stems[f.cand.group]) == 1 or _belongs(p, f)]
+            out.append(_entry(f, name, backend, _pick_projector(usable, f.facts.quant)))
         return out
 
     # ------------------------------------------------------------ scanning
@@ -166,6 +168,26 @@ def _projectors_by_group(projectors: Iterable[Found]) -> dict[str, list[Found]]:
     for p in projectors:
         out.setdefault(p.cand.group, []).append(p)
     return out
+
+
+def _core(f: Found) -> str:
+    """A file's model stem, lowercase letters and digits only (``mmproj`` removed)."""
+    stem = naming.model_stem(f.parts[0].name, f.facts.quant).lower().replace("mmproj", "")
+    return "".join(ch for ch in stem if ch.isalnum())
+
+
+def _stems_by_group(models: Iterable[Found]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for m in models:
+        out.setdefault(m.cand.group, set()).add(_core(m))
+    return out
+
+
+def _belongs(projector: Found, model: Found) -> bool:
+    """In a folder of different models, a projector goes with the model it is named after
+    (``mmproj-SmolVLM-500M-f16.gguf`` with ``SmolVLM-500M-Q8_0.gguf``)."""
+    p, m = _core(projector), _core(model)
+    return bool(p and m) and (p in m or m in p)
 
 
 def _pick_projector(candidates: list[Found], quant: str) -> Found | None:

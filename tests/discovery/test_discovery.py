@@ -189,6 +189,19 @@ def test_mmproj_is_attached_not_listed(home: Path, model_path: Path) -> None:
     assert got["llamacpp/ggml-org/vision-gguf:q4_1"].launch.projector == str(proj2)
 
 
+def test_mmproj_in_a_mixed_folder_goes_with_its_own_model(home: Path) -> None:
+    mine = home / "mymodels"
+    tiny_gguf(mine / "Vision-7B-Q4_0.gguf")
+    tiny_gguf(mine / "Other-1B-Q4_0.gguf")
+    proj = tiny_gguf(mine / "mmproj-Vision-7B-f16.gguf", arch="clip", file_type=1)
+    tiny_gguf(mine / "solo/Solo-Q4_0.gguf")
+    solo = tiny_gguf(mine / "solo/mmproj-model-f16.gguf", arch="clip", file_type=1)
+    got = {e.name: e.launch.projector for e in discovery(home).entries(None)}
+    assert got == {"local/mymodels/vision-7b:q4_0": str(proj),
+                   "local/mymodels/other-1b:q4_0": None,
+                   "local/mymodels/solo:q4_0": str(solo)}
+
+
 def test_collisions_within_discovery_get_distinct_stable_names(home: Path,
                                                               model_path: Path) -> None:
     repo = home / ".lmstudio/models/pub/Repo-GGUF"
