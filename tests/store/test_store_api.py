@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from routerd import keys
 from routerd.api.common import error_middleware
 from routerd.api.models import PULLER, add_routes, store_context
 from routerd.config import parse_config
+from routerd.store.progress import human_bytes, run_cp, run_pull, run_rm
 from routerd.store.store import Store
 from tests.fakes.registry import FakeRegistry, sha256_file
 
@@ -248,5 +250,38 @@ async def test_ollama_store_is_listed_read_only(api: Api) -> None:
     assert manifest.exists() and (api.root / f"ollama/blobs/sha256-{model_blob}").exists()
 
 
-def test_puller_key_is_registered() -> None:
+def test_puller_key_and_human_bytes() -> None:
     assert PULLER.__class__.__name__ == "AppKey"
+    assert [human_bytes(n) for n in (0, 999, 1500, 98362432, 4.7e9, 12e12)] == [
+        "0 B", "999 B", "1.5 KB", "98 MB", "4.7 GB", "12 TB"]
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_cli_pull_rm_cp(api: Api) -> None:
+    plain = io.StringIO()
+    assert await run_pull(api.url, api.name, True, out=plain) == 0
+    lines = plain.getvalue().splitlines()
+    short = sha256_file(MODEL)[:12]
+    assert lines[0] == "pulling manifest" and lines[-1] == "success"
+    assert f"pulling {short} 100% 98 MB/98 MB" in lines
+    assert "verifying sha256 digest" in lines and "writing manifest" in lines
+
+    tty = _Tty()
+    assert await run_pull(api.url, api.name, True, out=tty) == 0
+    assert "\x1b[2K" in tty.getvalue() and "█" * 25 in tty.getvalue()
+
+    bad = io.StringIO()
+    assert await run_pull(api.url, "../x", True, out=bad) == 1
+    assert bad.getvalue().startswith("Error: invalid model name")
+    out, err = io.StringIO(), io.StringIO()
+    assert await run_cp(api.url, api.name, "smol2", out=out, err=err) == 0
+    assert out.getvalue() == f"copied '{api.name}' to 'smol2'\n"
+    assert await run_rm(api.url, "smol2", out=out, err=err) == 0
+    assert await run_rm(api.url, "smol2", out=out, err=err) == 1
+    assert err.getvalue() == "Error: model 'smol2' not found\n"
+    assert await run_rm("http://127.0.0.1:9", "x", out=out, err=err) == 1
+    assert "could not connect to routerd" in err.getvalue()
