@@ -1,0 +1,435 @@
+"""How much memory a model will take, and how much the machine has.
+
+``estimate`` works from GGUF metadata before a worker starts; the probes measure
+the machine and running workers; ``MeasurementBook`` remembers what workers really
+used so the next estimate for the same model is the measured figure.
+
+Constants were calibrated against the vendored llama.cpp (llama-cpp-python 0.3.36)
+on CPU with SmolLM2-135M (bench/memory_estimate.py); GPU constants follow Ollama.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import statistics
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import structlog
+
+from routerd.store.gguf import GGUFInfo
+
+log = structlog.get_logger(__name__)
+
+MiB = 1 << 20
+BYTES_PER_ELEMENT = {
+    "f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32,
+    "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32,
+}
+# Process baseline beyond llama.cpp's own buffers (binary, libs, tokenizer tables,
+# HTTP threads; for the Python worker: the interpreter, aiohttp and llama_cpp).
+OVERHEAD = {"llama-server": 36 * MiB, "llamafile": 40 * MiB, "llama-cpp-python": 100 * MiB}
+DEFAULT_OVERHEAD = 100 * MiB
+# Per GPU a process uses: CUDA context, cuBLAS workspace. Not in llama.cpp's logs;
+# Ollama reserves 457 MiB per CUDA device (CudaGPUInfo.MinimumMemory).
+GPU_CONTEXT = 457 * MiB
+UBATCH = 512  # llama.cpp's default -ub
+ONE_SEQUENCE = frozenset({"llama-cpp-python"})
+# Flash attention is on by default ("auto") in llama-server; routerd's own worker
+# turns it on only with -fa; llamafile's older llama.cpp has it off.
+FLASH_ATTN_DEFAULT = {"llama-server": True, "llamafile": False, "llama-cpp-python": False}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    ram: int
+    vram: int
+    weights: int
+    kv: int
+    compute: int
+    overhead: int
+    per_gpu: tuple[int, ...] = ()  # vram split over the GPUs used, sums to vram
+
+    @property
+    def total(self) -> int:
+        return self.ram + self.vram
+
+    def need(self, gpu_indices: Iterable[int] = ()) -> dict[str, int]:
+        """Bytes per resource for policy.choose_victims: {"ram": .., "gpu0": ..}."""
+        out = {"ram": self.ram}
+        out.update({f"gpu{i}": b for i, b in zip(gpu_indices, self.per_gpu)})
+        return out
+
+
+def _pad(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def kv_cells(ctx_size: int, parallel: int, *, unified: bool = False) -> tuple[int, int]:
+    """(total cells, cells per sequence) as llama.cpp sizes the KV cache.
+
+    llama-server's -c is the TOTAL context shared by the -np slots: llama_context
+    pads n_ctx to 256; with kv_unified every slot sees all n_ctx cells, otherwise
+    each of the n_seq_max = np sequences gets pad(n_ctx / np, 256) and n_ctx
+    becomes n_ctx_seq * np (llama-context.cpp, vendored 0.3.36). Either way the
+    KV cache scales with -c, not with -c x -np (measured: -c 8192 -np 1 and -np 4
+    both give a 180 MiB KV buffer for SmolLM2). routerd passes -np explicitly,
+    which leaves kv_unified off (it is only on by default for -np auto)."""
+    n_ctx = _pad(max(ctx_size, 1), 256)
+    if unified or parallel <= 1:
+        return n_ctx, n_ctx
+    per_seq = _pad(max(n_ctx // parallel, 1), 256)
+    return per_seq * parallel, per_seq
+
+
+def kv_bytes(info: GGUFInfo, cells: int, cache_type_k: str = "f16",
+             cache_type_v: str = "f16") -> int:
+    """n_layer x n_head_kv x (head_dim_k x bpe_k + head_dim_v x bpe_v) x cells."""
+    bk, bv = _bpe(cache_type_k), _bpe(cache_type_v)
+    per_cell = info.n_head_kv * (info.head_dim_k * bk + info.head_dim_v * bv)
+    return int(info.n_layer * per_cell * cells)
+
+
+def _bpe(cache_type: str) -> float:
+    try:
+        return BYTES_PER_ELEMENT[cache_type.lower()]
+    except KeyError:
+        raise ValueError(f"unknown KV cache type {cache_type!r}; "
+                         f"known: {', '.join(BYTES_PER_ELEMENT)}") from None
+
+
+def compute_bytes(info: GGUFInfo, n_ctx_seq: int, parallel: int, *, flash_attn: bool,
+                  ubatch: int = UBATCH, n_outputs: int = 1) -> int:
+    """llama.cpp's compute buffer (the worst-case graph for one ubatch) + output buffer.
+
+    Fitted to the vendored llama.cpp's `sched_reserve: CPU compute buffer size`
+    (bench/memory_estimate.py); the graph allocator reuses memory, so the buffer is
+    the largest of:
+    - the FFN scratch, 3 x n_ff + 4 x n_embd floats per token, plus with flash
+      attention the f16 KQ mask (n_ctx_seq x ubatch);
+    - without flash attention, the f32 KQ scores of all heads and the f32 mask;
+    - the logits of the outputs the graph is reserved for: 1 per slot for
+      llama-server, the whole ubatch for llama-cpp-python (n_outputs_max = n_batch).
+    The output buffer holds one row of logits per sequence. These buffers are
+    reserved up front; they become resident as the context fills."""
+    ub = min(ubatch, n_ctx_seq * max(parallel, 1))
+    ffn = ub * 4 * (3 * info.n_ff + 4 * info.n_embd)
+    if flash_attn:
+        attn = n_ctx_seq * ub * 2
+    else:
+        attn = n_ctx_seq * ub * 4 * (max(info.n_head, 1) + 1) + ub * 4 * (info.n_ff + 3 * info.n_embd)
+    logits = min(n_outputs, ub) * info.n_vocab * 4 + ub * 4 * 3 * info.n_embd
+    graph = max(ffn + attn, logits) if flash_attn else max(ffn, attn, logits)
+    return graph + max(parallel, 1) * info.n_vocab * 4
+
+
+def weight_split(info: GGUFInfo, gpu_layers: int | None, gpu_count: int) -> tuple[int, int, int]:
+    """(bytes in RAM, bytes on GPUs, layers offloaded) as llama.cpp places them.
+
+    llama.cpp offloads the LAST -ngl layers (i_gpu_start = n_layer - ngl) and the
+    output head only when ngl > n_layer; token embeddings stay in RAM. None
+    means "all" (-ngl 999). Without a GPU everything is in RAM."""
+    n_layer = len(info.layer_bytes)
+    ngl = 0 if gpu_count <= 0 else (n_layer + 1 if gpu_layers is None or gpu_layers < 0
+                                    else min(gpu_layers, n_layer + 1))
+    start = n_layer - min(ngl, n_layer)
+    gpu = sum(info.layer_bytes[start:])
+    # A tied output head is token_embd itself: counted in input_bytes already,
+    # and copied to the GPU only when the output layer is offloaded.
+    shared = max(info.input_bytes + sum(info.layer_bytes) + info.output_bytes - info.tensor_bytes, 0)
+    ram = info.input_bytes + sum(info.layer_bytes[:start])
+    if ngl > n_layer:
+        gpu += info.output_bytes
+    else:
+        ram += info.output_bytes - shared
+    return ram, gpu, min(ngl, n_layer)
+
+
+def estimate(info: GGUFInfo, *, ctx_size: int, parallel: int, gpu_layers: int | None,
+             gpu_count: int, cache_type_k: str = "f16", cache_type_v: str = "f16",
+             backend: str, flash_attn: bool | None = None, ubatch: int = UBATCH) -> Estimate:
+    """Expected resident memory of one worker once loaded and warmed up.
+
+    ctx_size 0 means the model's trained context, as llama-server does."""
+    fa = FLASH_ATTN_DEFAULT.get(backend, True) if flash_attn is None else flash_attn
+    # routerd's own worker runs one llama.cpp sequence whatever -np says; its
+    # graph is reserved for logits of every ubatch token (see compute_bytes).
+    seqs = 1 if backend in ONE_SEQUENCE else parallel
+    cells, per_seq = kv_cells(ctx_size or info.context_length or 4096, seqs)
+    kv = kv_bytes(info, cells, cache_type_k, cache_type_v)
+    # GPU buffers are allocated in full; in RAM only touched pages count, and the
+    # Python worker's reserved logits for a whole ubatch are never written (it
+    # asks llama.cpp for the last token's logits only).
+    compute_ram = compute_bytes(info, per_seq, seqs, flash_attn=fa, ubatch=ubatch, n_outputs=seqs)
+    compute_gpu = compute_bytes(info, per_seq, seqs, flash_attn=fa, ubatch=ubatch,
+                                n_outputs=seqs if backend == "llama-server" else ubatch)
+    overhead = OVERHEAD.get(backend, DEFAULT_OVERHEAD)
+    w_ram, w_gpu, ngl = weight_split(info, gpu_layers, gpu_count)
+    ram = w_ram + overhead
+    per_gpu: tuple[int, ...] = ()
+    if gpu_count > 0 and ngl > 0:
+        kv_gpu = kv * ngl // max(info.n_layer, 1)  # KV lives with its layer (offload_kqv)
+        host_compute = ubatch * 4 * 2 * info.n_embd + seqs * info.n_vocab * 4
+        ram += kv - kv_gpu + host_compute
+        share = (w_gpu + kv_gpu) // gpu_count
+        per_gpu = tuple(share + compute_gpu + GPU_CONTEXT for _ in range(gpu_count))
+        compute = compute_gpu
+    else:
+        # -ngl 0 with a GPU build still creates a CUDA context on each device.
+        per_gpu = tuple(GPU_CONTEXT for _ in range(gpu_count))
+        ram += kv + compute_ram
+        compute = compute_ram
+    return Estimate(ram=ram, vram=sum(per_gpu), weights=w_ram + w_gpu, kv=kv,
+                    compute=compute, overhead=overhead, per_gpu=per_gpu)
+
+
+# --- engine logs ---------------------------------------------------------------------
+
+# Vendored llama.cpp wording (verbosity >= 4, i.e. llama-server -lv 4), e.g.
+#   load_tensors:   CPU_Mapped model buffer size =    92.10 MiB
+#   llama_context:        CPU  output buffer size =     0.19 MiB
+#   llama_kv_cache:        CPU KV buffer size =    45.00 MiB
+#   sched_reserve:        CPU compute buffer size =    15.51 MiB
+# and older llama.cpp (llamafile): "llm_load_tensors:        CPU buffer size = 92.10 MiB".
+_BUFFER_RE = re.compile(
+    r"(?P<name>[A-Za-z][\w.\-]*)\s+(?:(?P<kind>model|KV|RS|output|compute|LoRA)\s+)?"
+    r"buffer size\s*=\s*(?P<mib>\d+(?:\.\d+)?)\s*MiB")
+_KINDS = {None: "model", "model": "model", "KV": "kv", "RS": "rs", "output": "output",
+          "compute": "compute", "LoRA": "lora"}
+
+
+def parse_engine_buffers(lines: Iterable[str]) -> dict[str, dict[str, int]]:
+    """{kind: {buffer: bytes}} from llama.cpp log lines; kinds: model, kv, rs,
+    output, compute, lora. Repeated lines for one buffer (an iSWA model's two KV
+    caches) are summed."""
+    out: dict[str, dict[str, int]] = {}
+    for line in lines:
+        m = _BUFFER_RE.search(line)
+        if not m:
+            continue
+        kind = _KINDS[m.group("kind")]
+        per = out.setdefault(kind, {})
+        per[m.group("name")] = per.get(m.group("name"), 0) + int(float(m.group("mib")) * MiB)
+    return out
+
+
+def is_host_buffer(name: str) -> bool:
+    """CPU, CPU_Mapped, CPU_REPACK, CUDA_Host (pinned host memory) live in RAM."""
+    return name.upper().startswith("CPU") or name.endswith("_Host")
+
+
+def buffer_totals(buffers: dict[str, dict[str, int]]) -> tuple[int, int]:
+    """(host bytes, device bytes) over everything parse_engine_buffers found."""
+    host = dev = 0
+    for per in buffers.values():
+        for name, n in per.items():
+            if is_host_buffer(name):
+                host += n
+            else:
+                dev += n
+    return host, dev
+
+
+# --- probes --------------------------------------------------------------------------
+
+class RamProbe:
+    """System RAM, honouring a cgroup v2 limit when one is set."""
+
+    def __init__(self, cgroup_dir: str | Path = "/sys/fs/cgroup") -> None:
+        self._cgroup = Path(cgroup_dir)
+
+    def _cgroup_value(self, name: str) -> int | None:
+        try:
+            text = (self._cgroup / name).read_text().strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    def total(self) -> int:
+        limit = self._cgroup_value("memory.max")
+        total = psutil.virtual_memory().total
+        return min(total, limit) if limit else total
+
+    def available(self) -> int:
+        avail = psutil.virtual_memory().available
+        limit, current = self._cgroup_value("memory.max"), self._cgroup_value("memory.current")
+        if limit and current is not None:
+            avail = min(avail, max(limit - current, 0))
+        return avail
+
+
+@dataclass(frozen=True)
+class GpuDevice:
+    index: int
+    name: str
+    total: int
+    used: int
+    free: int
+
+
+class GpuProbe:
+    """NVIDIA GPUs through NVML; no NVML, no driver or any NVML error: no devices."""
+
+    def __init__(self) -> None:
+        self._nvml = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+        except Exception as e:  # NVMLError_LibraryNotFound, DriverNotLoaded, ImportError
+            log.info("gpu.probe_unavailable", reason=str(e) or type(e).__name__)
+
+    def devices(self) -> list[GpuDevice]:
+        nv = self._nvml
+        if nv is None:
+            return []
+        try:
+            out = []
+            for i in range(nv.nvmlDeviceGetCount()):
+                h = nv.nvmlDeviceGetHandleByIndex(i)
+                mem = nv.nvmlDeviceGetMemoryInfo(h)
+                name = nv.nvmlDeviceGetName(h)
+                name = name.decode() if isinstance(name, bytes) else str(name)
+                out.append(GpuDevice(i, name, int(mem.total), int(mem.used), int(mem.free)))
+            return out
+        except Exception as e:
+            log.warning("gpu.probe_failed", error=str(e))
+            return []
+
+    def process_vram(self, pids: set[int]) -> int:
+        """VRAM used by these processes on all GPUs (0 where the driver hides it)."""
+        nv = self._nvml
+        if nv is None or not pids:
+            return 0
+        total = 0
+        try:
+            for i in range(nv.nvmlDeviceGetCount()):
+                h = nv.nvmlDeviceGetHandleByIndex(i)
+                for p in nv.nvmlDeviceGetComputeRunningProcesses(h):
+                    if p.pid in pids and p.usedGpuMemory:
+                        total += int(p.usedGpuMemory)
+        except Exception as e:
+            log.warning("gpu.process_vram_failed", error=str(e))
+        return total
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception:
+                pass
+            self._nvml = None
+
+
+def measure_tree(pid: int) -> int:
+    """Resident bytes of a process and all its descendants; 0 if it is gone.
+
+    Processes that exit while being measured are skipped, not an error."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return total
+
+
+# --- measurements --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MeasureKey:
+    path: str
+    size: int
+    mtime_ns: int
+    ctx: int
+    parallel: int
+    backend: str
+
+    @classmethod
+    def for_file(cls, path: str | Path, *, ctx: int, parallel: int, backend: str) -> MeasureKey:
+        st = os.stat(path)
+        return cls(os.fspath(path), st.st_size, st.st_mtime_ns, ctx, parallel, backend)
+
+    def text(self, resource: str) -> str:
+        return f"{self.backend}|{resource}|{self.ctx}|{self.parallel}|{self.size}|{self.mtime_ns}|{self.path}"
+
+
+class MeasurementBook:
+    """Measured bytes per (model file, ctx, parallel, backend, resource), kept as JSON.
+
+    ``correct`` answers with the measured figure when there is one, else scales
+    the estimate by the median measured/estimated ratio seen for the backend."""
+
+    MIN_RATIO, MAX_RATIO = 0.5, 3.0
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._entries: dict[str, dict[str, int | str]] = self._load()
+
+    def _load(self) -> dict[str, dict[str, int | str]]:
+        try:
+            data = json.loads(self.path.read_text())
+            entries = data["entries"]
+            if not isinstance(entries, dict):
+                raise ValueError("entries is not an object")
+            return entries
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("memory.book_unreadable", path=str(self.path), error=str(e))
+            return {}
+
+    def record(self, key: MeasureKey, measured: int, estimated: int, resource: str = "ram") -> None:
+        self._entries[key.text(resource)] = {
+            "backend": key.backend, "resource": resource,
+            "measured": int(measured), "estimated": int(estimated)}
+        self._save()
+
+    def measured(self, key: MeasureKey, resource: str = "ram") -> int | None:
+        e = self._entries.get(key.text(resource))
+        return int(e["measured"]) if e else None
+
+    def correct(self, key: MeasureKey, estimate: int, resource: str = "ram") -> int:
+        known = self.measured(key, resource)
+        if known is not None:
+            return known
+        ratios = [int(e["measured"]) / int(e["estimated"]) for e in self._entries.values()
+                  if e.get("backend") == key.backend and e.get("resource") == resource
+                  and int(e.get("estimated", 0)) > 0]
+        if not ratios:
+            return estimate
+        ratio = min(max(statistics.median(ratios), self.MIN_RATIO), self.MAX_RATIO)
+        return int(estimate * ratio)
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".memory-", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"version": 1, "entries": self._entries}, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        with contextlib.suppress(OSError):
+            dfd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
