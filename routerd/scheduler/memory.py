@@ -189,6 +189,24 @@ def estimate(info: GGUFInfo, *, ctx_size: int, parallel: int, gpu_layers: int | 
                     compute=compute, overhead=overhead, per_gpu=per_gpu)
 
 
+def max_gpu_layers(info: GGUFInfo, vram_per_gpu: int, *, ctx_size: int, parallel: int,
+                   gpu_count: int, backend: str, cache_type_k: str = "f16",
+                   cache_type_v: str = "f16") -> int:
+    """The most layers (n_layer + 1 = all, output head included) whose estimate fits
+    ``vram_per_gpu`` on every GPU; 0 when not even one layer fits ("gpu_layers: auto")."""
+    if gpu_count <= 0:
+        return 0
+    best = 0
+    for ngl in range(1, info.n_layer + 2):
+        e = estimate(info, ctx_size=ctx_size, parallel=parallel, gpu_layers=ngl,
+                     gpu_count=gpu_count, backend=backend, cache_type_k=cache_type_k,
+                     cache_type_v=cache_type_v)
+        if max(e.per_gpu, default=0) > vram_per_gpu:
+            break
+        best = ngl
+    return best
+
+
 # --- engine logs ---------------------------------------------------------------------
 
 # Vendored llama.cpp wording (verbosity >= 4, i.e. llama-server -lv 4), e.g.
@@ -392,9 +410,15 @@ class MeasurementBook:
             return {}
 
     def record(self, key: MeasureKey, measured: int, estimated: int, resource: str = "ram") -> None:
-        self._entries[key.text(resource)] = {
-            "backend": key.backend, "resource": resource,
-            "measured": int(measured), "estimated": int(estimated)}
+        """Keep the high-water mark: a worker grows as its context fills (KV and
+        compute pages are touched lazily), so the largest figure seen is the one to book."""
+        text = key.text(resource)
+        old = self._entries.get(text)
+        peak = max(int(measured), int(old["measured"]) if old else 0)
+        if old and peak == int(old["measured"]) and int(old["estimated"]) == int(estimated):
+            return
+        self._entries[text] = {"backend": key.backend, "resource": resource,
+                               "measured": peak, "estimated": int(estimated)}
         self._save()
 
     def measured(self, key: MeasureKey, resource: str = "ram") -> int | None:

@@ -19,7 +19,7 @@ import os
 import re
 import struct
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -344,8 +344,8 @@ def _long_arrays(info: GGUFInfo) -> dict[str, Any]:
         return {}
     from gguf import GGUFReader  # slow but complete; only for the rare verbose request
 
-    if info.offset:
-        raise GGUFError("verbose model_info is not supported for embedded GGUFs")
+    if info.offset:  # GGUFReader cannot start inside a llamafile: keep them None
+        return {}
     reader = GGUFReader(info.path)
     return {k: reader.fields[k].contents() for k in missing if k in reader.fields}
 
@@ -421,8 +421,6 @@ def read_model(path: str | Path, offset: int = 0) -> GGUFInfo:
     params = first.metadata.get("general.parameter_count")
     if not isinstance(params, int) or params <= 0:
         params = sum(t.n_elements for t in tensors)
-    from dataclasses import replace
-
     return replace(first, size=sum(i.size for i in infos), tensors=tensors,
                    tensor_bytes=sum(t.n_bytes for t in tensors), layer_bytes=layers,
                    input_bytes=inp, output_bytes=out, parameter_count=params,

@@ -334,8 +334,13 @@ def test_book_returns_measured_and_persists(tmp_path: Path) -> None:
     assert book.correct(k, 1000) == 1000
     book.record(k, measured=1200, estimated=1000)
     assert book.correct(k, 1000) == 1200
+    book.record(k, measured=1100, estimated=1000)  # a later, smaller figure: keep the peak
+    assert book.correct(k, 1000) == 1200
+    book.record(k, measured=1500, estimated=1000)
+    assert book.correct(k, 1000) == 1500
+    book.record(k, measured=1200, estimated=1000)
     again = MeasurementBook(path)
-    assert again.correct(k, 5) == 1200 and again.measured(k, "gpu0") is None
+    assert again.correct(k, 5) == 1500 and again.measured(k, "gpu0") is None
     assert [p.name for p in path.parent.iterdir()] == ["memory.json"]  # no temp files left
 
 
@@ -373,3 +378,18 @@ def test_book_survives_a_corrupt_file(tmp_path: Path, content: str) -> None:
 
 def test_module_has_no_test_hooks() -> None:
     assert not [n for n in vars(memory) if "fake" in n.lower() or "test" in n.lower()]
+
+
+def test_max_gpu_layers() -> None:
+    from routerd.scheduler.memory import max_gpu_layers
+
+    info = smollm2()
+    kw: dict[str, Any] = dict(ctx_size=2048, parallel=1, gpu_count=1, backend="llama-server")
+    full = estimate(info, gpu_layers=None, **kw)
+    assert max_gpu_layers(info, full.vram, **kw) == 31
+    assert max_gpu_layers(info, full.vram - 1, **kw) == 30
+    some = estimate(info, gpu_layers=12, **kw)
+    assert max_gpu_layers(info, some.vram, **kw) == 12
+    assert max_gpu_layers(info, GPU_CONTEXT, **kw) == 0
+    assert max_gpu_layers(info, 1 << 40, ctx_size=2048, parallel=1, gpu_count=0,
+                          backend="llama-server") == 0
