@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+import structlog
+
 from ..catalog import ModelEntry
 from ..config import Config
 from ..workers.backends import LaunchSpec, resolve_backend
@@ -26,6 +28,8 @@ from . import naming, paths, sources
 from .scan import Facts, HeaderCache, Skips, SmallFiles, split_index, split_part_paths
 
 __all__ = ["Discovery", "format_sources"]
+
+log = structlog.get_logger(__name__)
 
 DEFAULT_CTX = 4096
 TOOLS = ("gpt4all", "lmstudio", "huggingface", "llama_cpp", "model_dirs")
@@ -55,6 +59,7 @@ class Discovery:
         self.headers = HeaderCache()
         self._skips = Skips()
         self._refs = SmallFiles()
+        self._missing: set[Path] = set()  # configured model_dirs already warned about
 
     def ollama_dirs(self) -> list[Path]:
         """Ollama's stores that exist (read-only for routerd), unless turned off."""
@@ -72,6 +77,10 @@ class Discovery:
             "llama_cpp": paths.llama_cpp_dirs(env, plat) if d.llama_cpp else [],
             "model_dirs": [paths.expand(p, env) for p in self.config.model_dirs],
         }
+        for folder in wanted["model_dirs"]:
+            if folder not in self._missing and not folder.is_dir():
+                self._missing.add(folder)
+                log.warning("discovery.model_dir_missing", path=str(folder))
         return {tool: paths.existing(dirs) for tool, dirs in wanted.items()}
 
     def entries(self, llama_server: str | None) -> list[ModelEntry]:

@@ -31,7 +31,7 @@ class Candidate:
     stem_model: bool  # the model part of the name is the file's stem
 
 
-def _files(tool: str, root: Path, depth: int, allow_bin: bool
+def _files(root: Path, depth: int, allow_bin: bool
            ) -> Iterator[tuple[Path, os.stat_result | None, str, tuple[str, ...]]]:
     for path, st in walk(root, depth):
         kind = kind_of(path.name, allow_bin)
@@ -42,13 +42,13 @@ def _files(tool: str, root: Path, depth: int, allow_bin: bool
 def flat(tool: str, root: Path, prefix: tuple[str, ...], *, depth: int = 0,
          allow_bin: bool = False) -> Iterator[Candidate]:
     """A folder of model files named after themselves (GPT4All, model_dirs)."""
-    for path, st, kind, _ in _files(tool, root, depth, allow_bin):
+    for path, st, kind, _ in _files(root, depth, allow_bin):
         yield Candidate(tool, path, st, kind, str(path.parent), prefix, True)
 
 
 def lmstudio(root: Path) -> Iterator[Candidate]:
     """``<root>/<publisher>/<repo>/*.gguf`` (a level deeper is tolerated)."""
-    for path, st, kind, rel in _files("lmstudio", root, 3, False):
+    for path, st, kind, rel in _files(root, 3, False):
         if len(rel) >= 2:
             yield Candidate("lmstudio", path, st, kind, str(path.parent),
                             ("lmstudio", rel[0], rel[1]), False)
@@ -73,7 +73,7 @@ def hub_cache(tool: str, root: Path, host: str, refs: SmallFiles) -> Iterator[Ca
         if snapshot is None:
             continue
         prefix = (host, names[0], "-".join(names[1:])) if len(names) > 1 else (host, names[0])
-        for path, st, kind, _ in _files(tool, snapshot, 3, False):
+        for path, st, kind, _ in _files(snapshot, 3, False):
             yield Candidate(tool, path, st, kind, str(path.parent), prefix, False)
 
 
@@ -95,7 +95,7 @@ def llama_cpp(root: Path, refs: SmallFiles) -> Iterator[Candidate]:
     it moved to the hub layout, and ``-dr`` Docker models ``<org>_<repo>_<tag>.gguf``), and
     the hub layout itself (``models--*``, used when ``LLAMA_CACHE`` is set)."""
     known = _manifest_repos(root)
-    for path, st, kind, _ in _files("llama_cpp", root, 0, False):
+    for path, st, kind, _ in _files(root, 0, False):
         org, repo = split_flat_name(path.name, known)
         yield Candidate("llama_cpp", path, st, kind, f"{path.parent}/{org}_{repo}",
                         ("llamacpp", org, repo), False)

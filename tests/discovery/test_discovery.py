@@ -238,6 +238,17 @@ def test_model_dirs_only_when_configured(home: Path, model_path: Path) -> None:
     assert "local/mymodels/smollm2-135m-instruct:q4_1" in by_name(d)
 
 
+def test_a_missing_model_dir_is_reported_once(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import routerd.discovery as disc
+
+    with capture_logs() as logs:
+        monkeypatch.setattr(disc, "log", structlog.get_logger("routerd.discovery"))
+        d = discovery(home, model_dirs=["~/nowhere"])
+        assert d.entries(None) == [] and d.entries(None) == []
+    assert [(e["event"], e["path"]) for e in logs] == [
+        ("discovery.model_dir_missing", str(home / "nowhere"))]
+
+
 def test_nothing_under_the_folders_changes(home: Path, model_path: Path) -> None:
     build_home(home, model_path)
     add_broken(home, model_path)
