@@ -59,6 +59,22 @@ def _child_setup() -> None:  # runs in the child between fork and exec
         os._exit(1)
 
 
+class _ExitProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """Reports the exit itself. asyncio's `Process.wait()` only returns once every pipe is
+    closed too, so a child the engine left behind (holding stdout) would hide its exit."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=2**16, loop=loop)
+        self.exit_code: asyncio.Future[int] = loop.create_future()
+
+    def process_exited(self) -> None:
+        transport = self._transport  # type: ignore[attr-defined]  # the base drops it
+        code = transport.get_returncode() if transport else None
+        super().process_exited()
+        if not self.exit_code.done():
+            self.exit_code.set_result(code if code is not None else -1)
+
+
 class Worker:
     """A supervised engine process serving one model on 127.0.0.1:<port>."""
 
@@ -71,6 +87,7 @@ class Worker:
         self.api_key = secrets.token_urlsafe(24)
         self.port = 0
         self.proc: asyncio.subprocess.Process | None = None
+        self._protocol: _ExitProtocol | None = None
         self.lines: collections.deque[str] = collections.deque(maxlen=log_lines)
         self._subscribers: set[asyncio.Queue[str | None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -139,11 +156,13 @@ class Worker:
         if argv.lifeline_flag:
             cmd += ["--lifeline-fd", str(read_end)]
         env = {**os.environ, **argv.env}
+        loop = asyncio.get_running_loop()
         try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, start_new_session=True,
-                preexec_fn=_child_setup, pass_fds=(read_end,), env=env)
+            transport, self._protocol = await loop.subprocess_exec(
+                lambda: _ExitProtocol(loop), *cmd, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True, preexec_fn=_child_setup, pass_fds=(read_end,), env=env)
+            self.proc = asyncio.subprocess.Process(transport, self._protocol, loop)
         except OSError as e:
             raise WorkerLoadError(f"cannot start {cmd[0]}: {e.strerror or e}") from None
         finally:
@@ -219,8 +238,10 @@ class Worker:
                 os.close(self._lifeline)
             self._lifeline = None
 
-    def _signal_group(self, sig: int) -> None:
-        if self.proc is None:
+    def _signal_group(self, sig: int, *, sweep: bool = False) -> None:
+        """Signal the engine's process group. Once the exit is seen and the group swept, the
+        pid may be reused: leave it alone."""
+        if self.proc is None or (self._exited.done() and not sweep):
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
@@ -233,8 +254,10 @@ class Worker:
                 t.cancel()
 
     async def _monitor(self) -> None:
-        assert self.proc is not None
-        self.returncode = await self.proc.wait()
+        assert self.proc is not None and self._protocol is not None
+        self.returncode = await self._protocol.exit_code
+        # Whatever the engine left in its group goes with it (and lets go of the pipes).
+        self._signal_group(signal.SIGKILL, sweep=True)
         await self._drain_readers_except_monitor()
         if not self._exited.done():
             self._exited.set_result(self.returncode)
