@@ -9,6 +9,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from routerd import keys
+from routerd.api.security import Handler
 from routerd.metrics import MAX_MODELS, OTHER, Metrics, handle_metrics, route_label
 
 pytestmark = pytest.mark.timeout(30)
@@ -132,7 +133,7 @@ async def test_route_label_unmatched(aiohttp_client: Any) -> None:
     seen: list[str] = []
 
     @web.middleware
-    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
         seen.append(route_label(request))
         return await handler(request)
 

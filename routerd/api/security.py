@@ -37,10 +37,12 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 from urllib.parse import quote, unquote
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from ..config import Config, ConfigError
 from ..errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized
@@ -221,7 +223,7 @@ def _matches_any(name: str, patterns: Iterable[str]) -> bool:
     return False
 
 
-def _make_host_check(config: Config) -> Handler | None:
+def _make_host_check(config: Config) -> Middleware | None:
     allowed = tuple(host_name(h) for h in config.allowed_hosts)
     bound_loopback = is_loopback_host(config.host)
     if not bound_loopback and not allowed:
@@ -302,7 +304,7 @@ class _Origins:
         return any(p.fullmatch(lowered) for p in self.patterns)
 
 
-def _make_cors(config: Config) -> Handler:
+def _make_cors(config: Config) -> Middleware:
     origins = _Origins(config)
 
     @web.middleware
@@ -356,7 +358,7 @@ def _bearer(header: str | None) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-def _make_auth(config: Config, keyring: KeyRing) -> Handler:
+def _make_auth(config: Config, keyring: KeyRing) -> Middleware:
     exempt_loopback = config.auth.exempt_loopback
     challenge = {"WWW-Authenticate": 'Bearer realm="routerd"'}
 
@@ -395,7 +397,7 @@ def _is_blob_upload(request: web.Request) -> bool:
     return resource is not None and resource.canonical.startswith("/api/blobs/")
 
 
-def _make_body_cap(config: Config) -> Handler:
+def _make_body_cap(config: Config) -> Middleware:
     limit = config.max_body
 
     def too_large() -> PayloadTooLarge:
@@ -416,9 +418,9 @@ def _make_body_cap(config: Config) -> Handler:
     return body_cap
 
 
-def security_middlewares(config: Config, keyring: KeyRing | None) -> list[Any]:
+def security_middlewares(config: Config, keyring: KeyRing | None) -> list[Middleware]:
     """Host check, CORS, auth (when a keyring is given), body cap, in that order."""
-    chain: list[Any] = []
+    chain: list[Middleware] = []
     host_check = _make_host_check(config)
     if host_check is not None:
         chain.append(host_check)
@@ -430,8 +432,14 @@ def security_middlewares(config: Config, keyring: KeyRing | None) -> list[Any]:
 
 
 def warn_if_exposed(config: Config, keyring: KeyRing | None, log: Any) -> bool:
-    """Log a warning (and return True) when bound beyond loopback with no API keys."""
-    if is_loopback_host(config.host) or keyring:
+    """Log a warning (and return True) when bound beyond loopback with no API keys. An
+    empty keys file is not exposure (every remote request gets a 401) but is warned about."""
+    if is_loopback_host(config.host):
+        return False
+    if keyring is not None:
+        if not keyring:
+            log.warning("security.keys_file_empty", file=keyring.source,
+                        hint="every request from another machine will get 401")
         return False
     log.warning("security.exposed_without_keys", host=config.host, port=config.port,
                 hint="anyone who can reach this address can use and pull models; "

@@ -9,9 +9,10 @@ import hashlib
 import shutil
 import ssl
 import subprocess
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -20,6 +21,8 @@ from aiohttp import web
 
 from routerd.api import security
 from routerd.api.security import (
+    Handler,
+    KeyRing,
     check_model_allowed, client_max_size, load_api_keys, security_middlewares, upstream_path,
 )
 from routerd.config import AuthConfig, Config, ConfigError, TlsConfig
@@ -32,7 +35,7 @@ PEER = "X-Test-Peer"  # the test app's own header: pretend the request came from
 
 
 @web.middleware
-async def render_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+async def render_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except RouterdError as e:
@@ -41,7 +44,7 @@ async def render_errors(request: web.Request, handler: Any) -> web.StreamRespons
 
 
 @web.middleware
-async def fake_peer(request: web.Request, handler: Any) -> web.StreamResponse:
+async def fake_peer(request: web.Request, handler: Handler) -> web.StreamResponse:
     peer = request.headers.get(PEER)
     return await handler(request.clone(remote=peer) if peer else request)
 
@@ -77,6 +80,12 @@ def text(body: str) -> Any:
     return handler
 
 
+def json_body(body: dict[str, Any]) -> Any:
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(body)
+    return handler
+
+
 def make_app(config: Config) -> web.Application:
     keyring = security.keyring_from_config(config)
     app = web.Application(
@@ -87,6 +96,8 @@ def make_app(config: Config) -> web.Application:
     app.router.add_routes([
         web.get("/", text("routerd is running")), web.get("/health", text("ok")),
         web.get("/api/version", text('{"version": "0"}')),
+        web.get("/api/tags", json_body({"models": []})),
+        web.get("/v1/models", json_body({"object": "list", "data": []})),
         web.post("/api/chat", chat), web.post("/api/blobs/{digest}", blob),
         web.get("/stream", stream), web.get("/upstream/{model}/{path:.*}", upstream),
     ])
@@ -121,7 +132,7 @@ async def assert_serving(client: Any) -> None:
 
 
 async def assert_error(resp: aiohttp.ClientResponse, status: int, code: str) -> dict[str, Any]:
-    body = await resp.json()
+    body: dict[str, Any] = await resp.json()
     assert resp.status == status, body
     assert body["error"]["code"] == code
     return body
@@ -188,6 +199,28 @@ async def test_auth_paths(make_client: Any) -> None:
         resp = await client.post("/api/chat", json={"model": "smollm2"},
                                  headers={**remote, "Authorization": f"bearer {key}"})
         assert resp.status == 200
+
+
+async def test_real_clients_send_bearer(make_client: Any, keys_file: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the ollama and openai Python clients send is what the auth middleware reads."""
+    ollama = pytest.importorskip("ollama")
+    openai = pytest.importorskip("openai")
+    client = await make_client(auth=AuthConfig(str(keys_file), exempt_loopback=False))
+    base = f"http://{client.host}:{client.port}"
+    monkeypatch.setenv("OLLAMA_API_KEY", "plain-key-1")
+    assert (await ollama.AsyncClient(host=base).list()).models == []
+    monkeypatch.setenv("OLLAMA_API_KEY", "wrong")
+    with pytest.raises(ollama.ResponseError) as e:
+        await ollama.AsyncClient(host=base).list()
+    assert e.value.status_code == 401
+    good = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="hashed-key-2", max_retries=0)
+    assert [m async for m in good.models.list()] == []
+    bad = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        await bad.models.list()
+    await good.close()
+    await bad.close()
 
 
 async def test_model_limits(make_client: Any) -> None:
@@ -421,8 +454,9 @@ def test_warn_if_exposed(keys_file: Path) -> None:
     assert not security.warn_if_exposed(Config(host="::1"), None, log)
     assert not security.warn_if_exposed(Config(host="0.0.0.0"), ring, log)
     assert security.warn_if_exposed(Config(host="0.0.0.0"), None, log)
-    assert security.warn_if_exposed(Config(host="192.168.1.5"), ring.__class__(()), log)
-    assert [e for e, _ in log.events] == ["security.exposed_without_keys"] * 2
+    assert not security.warn_if_exposed(Config(host="192.168.1.5"), KeyRing((), "k"), log)
+    assert [e for e, _ in log.events] == ["security.exposed_without_keys",
+                                          "security.keys_file_empty"]
 
 
 # ---------------------------------------------------------------- TLS
