@@ -139,6 +139,6 @@ def make_app(config: Config, *, accountant: Accountant | None = None,
     native.add_routes(app)
     admin.add_routes(app)
     store_routes.add_routes(app)
-    app.on_response_prepare.append(security.add_cors_headers)
+    app.on_response_prepare.append(security.cors_response_hook(config))
     security.warn_if_exposed(config, keyring, log)
     return app
