@@ -178,7 +178,7 @@ class RangeSource(Protocol):
 class DownloadPolicy:
     part_size: int = 64 * 1024 * 1024
     max_parts: int = 16
-    concurrency: int = 4
+    concurrency: int = 8
     max_attempts: int = 6  # in a row without progress
     backoff: float = 1.0
     max_backoff: float = 30.0
@@ -235,13 +235,13 @@ class BlobDownload:
         """Download, verify and rename; returns the hex digest of the stored blob."""
         try:
             self._open()
-            flusher = asyncio.create_task(self._flush_loop())
+            stop = asyncio.Event()
+            flusher = asyncio.create_task(self._flush_loop(stop))
             try:
                 await self._run_parts()
-            finally:
-                flusher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await flusher
+            finally:  # not cancelled: a sidecar write in its thread must finish first
+                stop.set()
+                await asyncio.gather(flusher, return_exceptions=True)
             await asyncio.to_thread(os.fsync, self._fd)
         except _DiskError as e:
             self._close()
@@ -266,7 +266,8 @@ class BlobDownload:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise DownloadError(f"{self.partial.name} is being downloaded by another process")
+            raise DownloadError(f"{self.partial.name} is being downloaded by another process"
+                                ) from None
         self._fd = fd
         try:
             parts = self._load_state()
@@ -331,10 +332,11 @@ class BlobDownload:
         except OSError as e:
             log.warning("pull.sidecar_failed", file=self.sidecar.name, error=str(e))
 
-    async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.policy.flush_interval)
-            if self.source.ranges:
+    async def _flush_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.policy.flush_interval)
+            if self.source.ranges and not stop.is_set():
                 data = self._state()  # snapshot before the sync: only written bytes counted
                 await asyncio.to_thread(self._sync_and_write, data)
 
@@ -398,7 +400,8 @@ class BlobDownload:
                 if failures >= self.policy.max_attempts:
                     raise DownloadError(f"downloading {self.key}: giving up after "
                                         f"{failures} attempts: {describe(e)}") from None
-                delay = min(self.policy.max_backoff, self.policy.backoff * 2 ** max(0, failures - 1))
+                delay = min(self.policy.max_backoff,
+                            self.policy.backoff * 2 ** max(0, failures - 1))
                 log.info("pull.part_retry", key=self.key, offset=part.offset,
                          completed=part.completed, error=describe(e), delay=delay)
                 await asyncio.sleep(delay)

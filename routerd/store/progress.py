@@ -81,6 +81,8 @@ class Renderer:
             layer = self.layers.get(key)
             if layer is None:
                 layer = self.layers[key] = Layer(key, total)
+                if self.lines and self.lines[-1] == (status, None):
+                    self.lines.pop()  # "pulling x.gguf" becomes its bar
                 self.lines.append((status, layer))
             layer.update(completed, total)
             self._plain_layer(status, layer)
@@ -158,7 +160,7 @@ async def run_pull(base_url: str, name: str, insecure: bool, out: TextIO = sys.s
     renderer = Renderer(out, tty)
     body = {"model": name, "insecure": insecure, "stream": True}
     try:
-        async with aiohttp.ClientSession(timeout=_TIMEOUT) as session:
+        async with aiohttp.ClientSession(timeout=_TIMEOUT) as session:  # noqa: SIM117
             async with session.post(base_url + "/api/pull", json=body) as resp:
                 if resp.status >= 400:
                     return _fail(out, _error_text(resp.status, await resp.text()))
@@ -182,7 +184,7 @@ async def run_pull(base_url: str, name: str, insecure: bool, out: TextIO = sys.s
 async def _simple(base_url: str, method: str, path: str, body: dict[str, Any], ok: str,
                   out: TextIO, err: TextIO) -> int:
     try:
-        async with aiohttp.ClientSession(timeout=_TIMEOUT) as session:
+        async with aiohttp.ClientSession(timeout=_TIMEOUT) as session:  # noqa: SIM117
             async with session.request(method, base_url + path, json=body) as resp:
                 if resp.status >= 400:
                     return _fail(err, _error_text(resp.status, await resp.text()))

@@ -90,14 +90,14 @@ class Puller:
     def __init__(self, store: Store,
                  session_factory: Callable[[], aiohttp.ClientSession] | None = None, *,
                  allow_hosts: Sequence[str] | None = None, insecure_default: bool = False,
-                 policy: DownloadPolicy = DownloadPolicy(), stall_timeout: float = 60.0,
+                 policy: DownloadPolicy | None = None, stall_timeout: float = 30.0,
                  progress_interval: float = 0.1) -> None:
         self.store = store
         self._session_factory = session_factory or self._default_session
         self._session: aiohttp.ClientSession | None = None
         self.allow_hosts = None if allow_hosts is None else {h.lower() for h in allow_hosts}
         self.insecure_default = insecure_default
-        self.policy = policy
+        self.policy = policy or DownloadPolicy()
         self.stall_timeout = stall_timeout
         self.progress_interval = progress_interval
         self._flights: dict[str, _Flight] = {}
@@ -387,7 +387,7 @@ class Puller:
             if token:
                 hdrs["Authorization"] = f"Bearer {token}"
             resp = await self.session.request(method, url, headers=hdrs, timeout=timeout,
-                                              ssl=False if insecure else True)
+                                              ssl=not insecure)
             try:
                 if resp.url.scheme == "http" and url.scheme == "https" and not insecure:
                     raise DownloadError(f"{url.host}: redirected to plain http")
@@ -415,7 +415,7 @@ class Puller:
             raise Forbidden(f"token realm host {realm.host!r} does not match "
                             f"registry host {url.host!r}")
         query = {"service": params.get("service", ""), "scope": params.get("scope", scope)}
-        async with self.session.get(realm, params=query, ssl=False if insecure else True,
+        async with self.session.get(realm, params=query, ssl=not insecure,
                                     timeout=aiohttp.ClientTimeout(total=60)) as resp:
             if resp.status != 200:
                 raise DownloadError(f"{realm.host}: token request failed: HTTP {resp.status}")
@@ -430,11 +430,9 @@ class Puller:
 
 
 def _same_host(a: URL, b: URL) -> bool:
+    """Same host and port; hf.co and huggingface.co count as one (the Hub's realm)."""
     ha, hb = (a.host or "").lower(), (b.host or "").lower()
-    if a.port != b.port and not (ha in HOST_ALIASES and a.is_default_port()
-                                 and b.is_default_port()):
-        return False
-    return ha == hb or HOST_ALIASES.get(hb) == ha
+    return a.port == b.port and (ha == hb or HOST_ALIASES.get(hb) == ha)
 
 
 class HttpSource:

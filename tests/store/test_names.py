@@ -45,7 +45,8 @@ def test_scheme_and_digest() -> None:
     "", " ", "../etc/passwd", "..", "a/../../b", "library/../x", "./x", "a/b/c/d", "x:..",
     "x:/y", "/abs", "a//b", "x y", "x\x00y", "mod\\el", "a/.b", "ns.dot/model", "x:-tag",
     ".hidden", "-dash", "x:tag:more/y", "x" * 81, "a/" + "n" * 81 + "/m", "ftp://h/a/b",
-    "x@sha256:../../../../etc", f"x@sha256:{HEX[:-1]}", f"x@md5:{HEX}", "x%2f..", "~/x", "x\ny", "x:lat\nest",
+    "x@sha256:../../../../etc", f"x@sha256:{HEX[:-1]}", f"x@md5:{HEX}", "x%2f..", "~/x",
+    "x\ny", "x:lat\nest",
 ])
 def test_bad_names_are_refused(bad: str) -> None:
     with pytest.raises(BadRequest):
