@@ -109,6 +109,22 @@ async def _write_error(resp: web.StreamResponse, message: str) -> None:
         await resp.write(_encode({"error": message}).encode() + b"\n")
 
 
+def _refresh_catalog(request: web.Request) -> None:
+    """Tell the catalog the store changed (it lists pulled models without a config entry)."""
+    catalog = request.app.get(keys.CATALOG)
+    if catalog is not None:
+        catalog.refresh()
+
+
+async def _refreshing(request: web.Request,
+                      events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    async with contextlib.aclosing(events) as it:  # type: ignore[type-var]
+        async for event in it:
+            if event.get("status") == "success":  # servable before the client hears so
+                _refresh_catalog(request)
+            yield event
+
+
 # ---------------------------------------------------------------- handlers
 
 
@@ -118,7 +134,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
     insecure = body.get("insecure") is True
     puller = request.app[PULLER]
     puller.check(name, insecure)  # invalid name, http without insecure, host not allowed
-    events = puller.pull(name, insecure=insecure)
+    events = _refreshing(request, puller.pull(name, insecure=insecure))
     if body.get("stream", True) is not False:
         return await stream_events(request, events)
     last: dict[str, Any] = {}
@@ -133,6 +149,7 @@ async def delete(request: web.Request) -> web.Response:
     name = _name_field(body, "model", "name")
     store: Store = request.app[keys.STORE]
     await asyncio.to_thread(store.delete, name)
+    _refresh_catalog(request)
     return web.Response(status=200)
 
 
@@ -142,6 +159,7 @@ async def copy(request: web.Request) -> web.Response:
     parse_name(dst)
     store: Store = request.app[keys.STORE]
     await asyncio.to_thread(store.copy, src, dst)
+    _refresh_catalog(request)
     return web.Response(status=200)
 
 
@@ -168,6 +186,7 @@ async def create(request: web.Request) -> web.StreamResponse:
             raise BadRequest(f"{unsupported} is not supported by routerd")
     store: Store = request.app[keys.STORE]
     events = await asyncio.to_thread(build_model, store, name, body)
+    _refresh_catalog(request)
     if body.get("stream", True) is False:
         return web.json_response(events[-1], dumps=_encode)
 

@@ -285,3 +285,19 @@ async def test_direct_gguf_url(registry: FakeRegistry, tmp_path: Path) -> None:
         registry.reset_counters()
         again = await collect(p, url)
     assert again[-1] == {"status": "success"} and registry.served_total == 0
+
+
+def test_realm_host_rule() -> None:
+    from yarl import URL
+
+    from routerd.store.pull import _same_host
+
+    reg = URL("https://hf.co/v2/u/r/manifests/latest")
+    assert _same_host(URL("https://huggingface.co/v2/token"), reg)  # the Hub's alias
+    assert _same_host(URL("https://hf.co/token"), reg)
+    assert not _same_host(URL("https://registry.ollama.ai/v2/token"), reg)
+    assert not _same_host(URL("https://hf.co:8443/token"), reg)
+    local = URL("http://127.0.0.1:5000/v2/x")
+    assert _same_host(URL("http://127.0.0.1:5000/token"), local)
+    assert not _same_host(URL("http://127.0.0.1:5001/token"), local)
+    assert not _same_host(URL("http://localhost:5000/token"), local)

@@ -29,12 +29,26 @@ MODEL = Path(os.environ.get("ROUTERD_TEST_MODEL",
                             Path.home() / ".cache/routerd/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 
+class CatalogSpy:
+    """Stands in for the lead's Catalog: counts refresh() calls."""
+
+    def __init__(self) -> None:
+        self.refreshes = 0
+
+    def refresh(self) -> None:
+        self.refreshes += 1
+
+
 @dataclass
 class Api:
     url: str
     app: web.Application
     root: Path
     reg: FakeRegistry
+
+    @property
+    def catalog(self) -> CatalogSpy:
+        return self.app[keys.CATALOG]
 
     @property
     def store(self) -> Store:
@@ -64,6 +78,7 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
                            "ollama_models_dir": str(tmp_path / "ollama")})
     app = web.Application(middlewares=[error_middleware])
     app[keys.CONFIG] = config
+    app[keys.CATALOG] = CatalogSpy()
     app.cleanup_ctx.append(store_context)
     add_routes(app)
     runner = web.AppRunner(app, access_log=None)
@@ -92,6 +107,7 @@ async def test_pull_with_the_official_client(api: Api) -> None:
     assert all(e.total and e.status == f"pulling {e.digest[7:19]}" for e in events if e.digest)
     m = api.store.resolve(api.name)
     assert m is not None and m.size > MODEL.stat().st_size
+    assert api.catalog.refreshes == 1
 
     api.reg.reset_counters()
     r = await asyncio.to_thread(lambda: api.client.pull(api.name, insecure=True))  # stream: false
@@ -193,6 +209,7 @@ async def test_upload_create_copy_delete(api: Api) -> None:
                                                          "top_k": 5}
     await asyncio.to_thread(c.copy, "mine", "team/mine-copy:v1")
     assert api.store.resolve("team/mine-copy:v1") is not None
+    assert api.catalog.refreshes == 3  # create, create, copy
 
     be_brief = api.store.blob_path(hashlib.sha256(b"Be brief.").hexdigest())
     await asyncio.to_thread(c.delete, "mine")
