@@ -453,8 +453,10 @@ class HttpSource:
                 got = resp.headers.get("Content-Range", "")
                 if not got.startswith(f"bytes {start}-"):
                     raise DownloadError(f"{self.url.host}: wrong Content-Range {got!r}")
-            elif resp.status != 200 or (self.ranges and start != 0):
+            elif resp.status != 200:
                 raise DownloadError(f"{self.url.host}: HTTP {resp.status} for {self.url.path}")
+            elif self.ranges and start != 0:
+                raise DownloadError(f"{self.url.host}: the server ignored the Range header")
             async for chunk in resp.content.iter_any():
                 yield chunk
 

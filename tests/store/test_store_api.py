@@ -302,3 +302,26 @@ async def test_cli_pull_rm_cp(api: Api) -> None:
     assert err.getvalue() == "Error: model 'smol2' not found\n"
     assert await run_rm("http://127.0.0.1:9", "x", out=out, err=err) == 1
     assert "could not connect to routerd" in err.getvalue()
+
+
+async def test_client_disconnect_cancels_and_next_pull_resumes(api: Api) -> None:
+    api.reg.faults.delay = 0.004
+    digest, size = sha256_file(MODEL), MODEL.stat().st_size
+    puller = api.app[PULLER]
+    async with aiohttp.ClientSession() as s:
+        async with s.post(api.url + "/api/pull", json={"model": api.name, "insecure": True}) as r:
+            async for line in r.content:
+                if json.loads(line).get("completed", 0) > 5_000_000:
+                    break
+            tasks = [f.task for f in puller._flights.values()]
+            r.close()  # the client goes away mid-download
+    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
+    assert all(t.cancelled() for t in tasks)
+    sidecar = api.store.blobs_dir / f"sha256-{digest}-partial.json"
+    persisted = sum(c for _, _, c in json.loads(sidecar.read_text())["parts"])
+    assert not api.store.blob_path(digest).exists() and persisted > 0
+
+    api.reg.faults.delay = 0
+    api.reg.reset_counters()
+    r2 = await asyncio.to_thread(lambda: api.client.pull(api.name, insecure=True))
+    assert r2.status == "success" and api.reg.served[digest] == size - persisted
