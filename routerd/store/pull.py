@@ -40,9 +40,9 @@ from yarl import URL
 from ..errors import BadRequest, Forbidden, ModelNotFound
 from .blobs import (BlobDownload, DigestMismatch, DownloadError, DownloadPolicy, RetryableError,
                     describe)
-from .manifests import (CONFIG_V1, MANIFEST_V2, MAX_MANIFEST, MODEL, Layer, build_config,
-                        build_manifest, parse_manifest)
 from .gguf import details
+from .manifests import (CONFIG_V1, MANIFEST_V2, MAX_MANIFEST, MODEL, Layer, ManifestError,
+                        build_config, build_manifest, parse_manifest)
 from .names import (HOST_ALIASES, ModelName, blob_filename, is_url, parse_digest, parse_name,
                     url_model_name)
 from .store import Store
@@ -180,14 +180,15 @@ class Puller:
     async def _commit(self, name: ModelName, data: bytes,
                       keep: set[str]) -> AsyncGenerator[dict[str, Any], None]:
         old = self.store.read_manifest(name)
+        unused: set[str] = set()
+        if old is not None:
+            with contextlib.suppress(ManifestError):
+                unused = parse_manifest(old[1]).digests() - keep
         yield progress("writing manifest")
         await asyncio.to_thread(self.store.write_manifest, name, data)
-        if old is not None:
-            with contextlib.suppress(Exception):
-                unused = parse_manifest(old[1]).digests() - keep
-                if unused:
-                    yield progress("removing unused layers")
-                    await asyncio.to_thread(self.store.collect, unused)
+        if unused:  # the tag moved: drop what no manifest uses any more
+            yield progress("removing unused layers")
+            await asyncio.to_thread(self.store.collect, unused)
         yield progress("success")
 
     async def _pull_layer(self, target: Target,

@@ -301,3 +301,52 @@ def test_realm_host_rule() -> None:
     assert _same_host(URL("http://127.0.0.1:5000/token"), local)
     assert not _same_host(URL("http://127.0.0.1:5001/token"), local)
     assert not _same_host(URL("http://localhost:5000/token"), local)
+
+
+_ENOSPC_PULL = """
+import asyncio, json, os, sys
+from pathlib import Path
+from routerd.store.pull import Puller
+from routerd.store.store import Store
+
+async def main():
+    p = Puller(Store(Path(sys.argv[1])))
+    try:
+        async for _ in p.pull(sys.argv[2], insecure=True):
+            pass
+        return {"error": None}
+    except Exception as e:
+        return {"error": getattr(e, "message", str(e)), "status": getattr(e, "status", 0)}
+    finally:
+        await p.aclose()
+
+out = asyncio.run(main())
+out["left"] = sorted(str(q.relative_to(sys.argv[1])) for q in Path(sys.argv[1]).rglob("*")
+                     if q.is_file())
+print(json.dumps(out))
+"""
+
+
+async def test_disk_full_pull_fails_cleanly(registry: FakeRegistry, tmp_path: Path) -> None:
+    """A real ENOSPC: models_dir on a 64 MiB tmpfs (private mount namespace; needs root)."""
+    import shutil
+    import sys
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare to mount a small tmpfs")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    root = Path(__file__).resolve().parents[2]
+    cmd = (f"mount -t tmpfs -o size=64m tmpfs {mnt} && cd {root} && exec {sys.executable} -c "
+           f"'{_ENOSPC_PULL}' {mnt} {registry.host}/library/smollm2")
+    proc = await asyncio.create_subprocess_exec(
+        "unshare", "-m", "sh", "-c", cmd, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    if proc.returncode != 0 and b"mount" in err:
+        pytest.skip(f"cannot mount tmpfs here: {err.decode()[:200]}")
+    assert proc.returncode == 0, err.decode()[-2000:]
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    assert result["status"] == 507
+    assert result["error"].startswith(f"no space left on device for sha256:{sha256_file(MODEL)}")
+    assert result["left"] == []  # no partial, no sidecar, no blob, no manifest
