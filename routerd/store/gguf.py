@@ -39,6 +39,7 @@ _SCALARS: dict[int, str] = {
     GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "Q",
     GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d",
 }
+_STRUCTS = {e + c: struct.Struct(e + c) for e in "<>" for c in "BbHhIifd?Qq"}
 _SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
 
 
@@ -103,7 +104,7 @@ class _Header:
         self.e = "<"
 
     def scalar(self, code: str) -> Any:
-        st = struct.Struct(self.e + code)
+        st = _STRUCTS[self.e + code]
         (v,) = st.unpack_from(self.buf, self.pos)
         self.pos += st.size
         return v
@@ -139,7 +140,7 @@ class _Header:
         if code is not None:
             self.pos += struct.calcsize(code) * count
         elif itype == GGUFValueType.STRING:
-            unpack, buf, pos = struct.Struct(self.e + "Q").unpack_from, self.buf, self.pos
+            unpack, buf, pos = _STRUCTS[self.e + "Q"].unpack_from, self.buf, self.pos
             for _ in range(count):  # the hot loop of the whole reader: keep it bare
                 pos += 8 + unpack(buf, pos)[0]
             self.pos = pos

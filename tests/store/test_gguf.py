@@ -229,7 +229,7 @@ def test_every_truncation_is_a_gguf_error(tmp_path: Path, tiny: Path) -> None:
             read_gguf(cut)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.integers(0, 30_000), st.integers(0, 255)), min_size=1, max_size=8))
 def test_corrupted_headers_never_leak_other_exceptions(tmp_path: Path, edits: list[tuple[int, int]]) -> None:
     path = tmp_path / "fuzz.gguf"
