@@ -139,6 +139,8 @@ def _client(args: argparse.Namespace) -> int:
         return asyncio.run(progress.run_rm(base, args.name))
     if cmd == "cp":
         return asyncio.run(progress.run_cp(base, args.src, args.dst))
+    if cmd == "list" and args.sources:
+        return client.execute(_list_sources(base))
     if cmd == "list":
         return client.execute(client.list_models(base))
     if cmd == "ps":
@@ -153,6 +155,21 @@ def _client(args: argparse.Namespace) -> int:
     if cmd == "logs":
         return client.execute(client.logs(base, args.name, args.follow))
     raise AssertionError(cmd)
+
+
+async def _list_sources(base: str) -> int:
+    import aiohttp
+
+    from .discovery import format_sources
+
+    try:
+        async with aiohttp.ClientSession() as s, s.get(f"{base}/api/tags") as r:
+            data = await r.json(content_type=None)
+    except aiohttp.ClientError as e:
+        print(f"Error: could not reach routerd at {base}: {e}", file=sys.stderr)
+        return 1
+    print(format_sources(data.get("models", [])))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -126,3 +126,35 @@ def test_langchain_llamacpp_same_file(model_path) -> None:  # type: ignore[no-un
     llm = LlamaCpp(model_path=str(model_path), n_ctx=512, temperature=0, max_tokens=24,
                    verbose=False)
     assert "Armstrong" in llm.invoke(f"<|im_start|>user\n{MOON}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_cli_client_commands(daemon: Daemon) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    routerd = str(Path(sys.executable).parent / "routerd")
+    env = {**os.environ, "ROUTERD_HOST": daemon.base_url}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([routerd, *args], capture_output=True, text=True, env=env,
+                              timeout=120, stdin=subprocess.DEVNULL)
+
+    r = run("run", "smollm2", MOON)
+    assert r.returncode == 0 and "Armstrong" in r.stdout, r.stderr
+    r = run("list")
+    assert r.returncode == 0 and "smollm2-lcp" in r.stdout and "NAME" in r.stdout
+    r = run("list", "--sources")
+    assert r.returncode == 0 and "config" in r.stdout
+    r = run("ps")
+    assert r.returncode == 0 and "smollm2" in r.stdout
+    r = run("show", "smollm2")
+    assert r.returncode == 0 and "llama" in r.stdout
+    r = run("stop", "smollm2-lcp")
+    assert r.returncode == 0, r.stderr
+    assert "smollm2-lcp" not in {m["name"] for m in daemon.get("/api/ps")["models"]}
+    r = run("logs", "smollm2")
+    assert r.returncode == 0 and r.stdout.strip()
+    r = run("show", "no-such-model")
+    assert r.returncode == 1 and "Error" in r.stderr

@@ -115,7 +115,7 @@ def _format(arg: str, subst: dict[str, str]) -> str:
 
 def _server_flags(spec: LaunchSpec, host: str, port: int, api_key: str, *,
                   modern: bool = True) -> Sequence[str]:
-    """llama-server flags. `modern=False` keeps to those llamafile's older server knows too."""
+    """llama-server flags. `modern=False` leaves out what llamafile's older server lacks."""
     flags = ["--host", host, "--port", str(port), "-c", str(spec.ctx_size),
              "-np", str(spec.parallel), "--api-key", api_key, "--alias", spec.model]
     if modern:
@@ -123,7 +123,7 @@ def _server_flags(spec: LaunchSpec, host: str, port: int, api_key: str, *,
     if spec.gpu_layers is not None:
         flags += ["-ngl", str(spec.gpu_layers)]
     if spec.embeddings:
-        flags += ["--embedding", "--pooling", "mean"] if modern else ["--embedding"]
+        flags += ["--embedding", "--pooling", "mean"]
     if spec.projector:
         flags += ["--mmproj", spec.projector]
     return [*flags, *spec.args]
