@@ -93,6 +93,7 @@ class EngineCall:
     resp: aiohttp.ClientResponse
     waited: float  # seconds spent waiting for the lease (queue + load)
     started: float
+    first: bytes = b""  # a stream's first chunk, read before answering (so failures retry)
 
     @property
     def load_ns(self) -> int:
@@ -107,12 +108,15 @@ async def engine_call(request: web.Request, name: str, path: str, *, body: bytes
                       keep_alive: float | None = None, method: str = "POST",
                       query: Any = None, content_type: str = "application/json"
                       ) -> AsyncIterator[EngineCall]:
-    """Lease a worker for `name` and send it one request. A connection failure before the
-    first byte is retried once on a fresh worker; an engine error status becomes an
-    UpstreamError (5xx) or passes its status through (4xx)."""
+    """Lease a worker for `name` and send it one request. A failure before the first byte
+    (connection refused or reset, an SSE stream broken before its first chunk) is retried
+    once, on a fresh worker when the engine died; a timeout is not retried (the hung engine
+    is killed). An engine error status becomes an UpstreamError (5xx) or passes its status
+    through (4xx)."""
     app = request.app
     scheduler, session = app[keys.SCHEDULER], app[keys.HTTP]
-    timeouts = app[keys.CONFIG].timeouts
+    idle = app[keys.CONFIG].timeouts.request_idle
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=idle)
     started = time.monotonic()
     for attempt in (1, 2):
         async with contextlib.AsyncExitStack() as stack:
@@ -122,23 +126,30 @@ async def engine_call(request: web.Request, name: str, path: str, *, body: bytes
             headers = dict(worker.auth_headers)
             if body is not None:
                 headers["Content-Type"] = content_type
+            first = b""
             try:
                 resp = await stack.enter_async_context(session.request(
                     method, worker.base_url + path, data=body, headers=headers, params=query,
-                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=10,
-                                                  sock_read=timeouts.request_idle)))
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-                if attempt == 1:
-                    await scheduler.kill_hung(runner, f"request failed before first byte: {e}")
-                    continue
-                raise UpstreamError(f"engine for {name!r} failed: {e}") from None
-            except asyncio.TimeoutError:
-                await scheduler.kill_hung(runner, "no answer within "
-                                          f"{timeouts.request_idle:.0f}s")
+                    timeout=timeout))
+                if resp.status < 400 and resp.content_type == "text/event-stream":
+                    # Nothing has reached the client yet: a stream broken now is retried too.
+                    first = await resp.content.readany()
+                    if not first:
+                        raise aiohttp.ClientPayloadError("engine ended the stream at once")
+            except asyncio.TimeoutError:  # before ClientConnectionError: ServerTimeoutError is both
+                await scheduler.kill_hung(runner, f"no answer within {idle:g}s")
                 raise UpstreamError(f"engine for {name!r} did not answer in time") from None
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+                if attempt == 2:
+                    raise UpstreamError(f"engine for {name!r} failed: {e}") from None
+                with contextlib.suppress(asyncio.TimeoutError):  # a dying engine is reaped in ms
+                    await asyncio.wait_for(worker.exited(), 0.5)
+                log.warning("request.retry", model=name, error=str(e) or type(e).__name__,
+                            engine_exited=not worker.alive)
+                continue
             if resp.status >= 400:
                 raise await _engine_error(resp, name)
-            yield EngineCall(runner, resp, waited, started)
+            yield EngineCall(runner, resp, waited, started, first)
             return
 
 

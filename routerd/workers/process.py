@@ -84,7 +84,8 @@ class Worker:
                  on_spawn: Callable[[Worker], None] | None = None) -> None:
         self.model, self._build, self._session, self.host = model, build, session, host
         self.state = StateBox()
-        self.api_key = secrets.token_urlsafe(24)
+        # hex: a key starting with "-" would be taken for a flag by the engine's argv parser
+        self.api_key = secrets.token_hex(24)
         self.port = 0
         self.proc: asyncio.subprocess.Process | None = None
         self._protocol: _ExitProtocol | None = None
@@ -155,7 +156,8 @@ class Worker:
         cmd = list(argv.argv)
         if argv.lifeline_flag:
             cmd += ["--lifeline-fd", str(read_end)]
-        env = {**os.environ, **argv.env}
+        # A worker must not talk to systemd as if it were routerd.
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"} | argv.env
         loop = asyncio.get_running_loop()
         try:
             transport, self._protocol = await loop.subprocess_exec(
