@@ -13,8 +13,9 @@ from . import keys
 from .api import admin, native, ollama, openai
 from .api import models as store_routes
 from .api import security
-from .api.common import MODEL_CHECK, error_middleware
+from .api.common import MODEL_CHECK, MODEL_NAME, error_middleware
 from .catalog import Catalog, ModelEntry
+from .metrics import route_label
 from .config import Config
 from .scheduler.accounting import Accountant
 from .scheduler.scheduler import Scheduler
@@ -114,9 +115,9 @@ async def metrics_middleware(request: web.Request, handler: Any) -> web.StreamRe
     finally:
         m = request.app.get(keys.METRICS)
         if m is not None:
-            route = request.match_info.route.resource
-            m.observe_request(route.canonical if route else "unmatched",
-                              request.get("model", ""), status, loop.time() - t0)
+            # Only names routerd knows become label values (a 404 must not mint a series).
+            model = request.get(MODEL_NAME, "") if status != 404 else ""
+            m.observe_request(route_label(request), model, status, loop.time() - t0)
 
 
 def make_app(config: Config, *, accountant: Accountant | None = None,

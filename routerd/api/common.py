@@ -169,10 +169,11 @@ async def _engine_error(resp: aiohttp.ClientResponse, name: str) -> RouterdError
 
 def note_request(request: web.Request, model: str) -> None:
     """Let the security layer check a key's model list and metrics label the request."""
-    request["model"] = model
+    request[MODEL_NAME] = model
     checker = request.app.get(MODEL_CHECK)
     if checker is not None:
         checker(request, model)
 
 
+MODEL_NAME = web.RequestKey("model", str)  # the model a request named (metrics, auth)
 MODEL_CHECK: web.AppKey[Callable[[web.Request, str], None]] = web.AppKey("model_check")
