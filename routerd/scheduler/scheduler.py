@@ -45,6 +45,7 @@ class Runner:
     expires_at: float | None = None  # wall clock, for /api/ps
     timer: asyncio.TimerHandle | None = None
     measured: dict[str, int] | None = None
+    measured_at: float = field(default_factory=time.monotonic)
 
     @property
     def name(self) -> str:
@@ -119,7 +120,20 @@ class Scheduler:
             runner.keep_alive = keep_alive
         if runner.refs == 0 and self.runners.get(runner.name) is runner:
             self._arm_expiry(runner)
+            self._remeasure(runner)
         self._spawn(self._notify())
+
+    def _remeasure(self, runner: Runner) -> None:
+        """Workers grow as their context fills: re-measure when idle, at most every 5 s."""
+        now = time.monotonic()
+        if now - runner.measured_at < 5.0 or not runner.worker.ready:
+            return
+        runner.measured_at = now
+        held = self.acct.measure(runner.entry, runner.worker, runner.estimate)
+        if held:
+            runner.measured = held
+            runner.need = {k: max(v, runner.need.get(k, 0)) for k, v in held.items()}
+            self._publish_memory(runner)
 
     def _arm_expiry(self, runner: Runner) -> None:
         if runner.timer:

@@ -119,8 +119,12 @@ def _server_flags(spec: LaunchSpec, host: str, port: int, api_key: str, *,
     flags = ["--host", host, "--port", str(port), "-c", str(spec.ctx_size),
              "-np", str(spec.parallel), "--api-key", api_key, "--alias", spec.model]
     if modern:
-        flags.append("--no-webui")
-    if spec.gpu_layers is not None:
+        # What runs must match what the budget booked: no engine-side auto-fitting, every
+        # layer offloaded when a GPU exists (gpu_layers: auto), and no prompt cache growing
+        # in RAM outside the estimate (llama-server defaults to up to 8 GiB).
+        flags += ["--no-webui", "--fit", "off", "--cache-ram", "0",
+                  "-ngl", "all" if spec.gpu_layers is None else str(spec.gpu_layers)]
+    elif spec.gpu_layers is not None:
         flags += ["-ngl", str(spec.gpu_layers)]
     if spec.embeddings:
         flags += ["--embedding", "--pooling", "mean"]
