@@ -64,7 +64,24 @@ class WorkerRegistry:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
             killed.append(proc)
-        psutil.wait_procs(killed, timeout=timeout)
+        _wait_dead(killed, timeout)
         with contextlib.suppress(OSError):
             self.path.unlink()
         return len(killed)
+
+
+def _dead(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE  # dead; reaping is its parent's business
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_dead(procs: list[psutil.Process], timeout: float) -> None:
+    """Until every process is gone (or a zombie): an orphan whose parent never reaps it (a
+    container's init) must not hold the start-up for the whole timeout."""
+    deadline = time.monotonic() + timeout
+    while procs and time.monotonic() < deadline:
+        procs = [p for p in procs if not _dead(p)]
+        if procs:
+            time.sleep(0.01)
