@@ -102,6 +102,20 @@ def _renamed(e: ModelEntry, taken: Mapping[str, str]) -> ModelEntry:
     raise RuntimeError(f"no free name for {e.name}")
 
 
+def with_load_options(entry: ModelEntry, options: Mapping[str, Any]) -> ModelEntry:
+    """Ollama's load-time options on a request: num_ctx → ctx_size, num_gpu → gpu_layers."""
+    from dataclasses import replace
+
+    changes: dict[str, Any] = {}
+    if isinstance(options.get("num_ctx"), int) and options["num_ctx"] > 0:
+        changes["ctx_size"] = options["num_ctx"]
+    if isinstance(options.get("num_gpu"), int) and options["num_gpu"] >= 0:
+        changes["gpu_layers"] = options["num_gpu"]
+    if not changes:
+        return entry
+    return replace(entry, launch=replace(entry.launch, **changes))
+
+
 class Catalog:
     """Name → ModelEntry, rebuilt by `refresh()` (start, SIGHUP, pull, delete)."""
 

@@ -173,3 +173,13 @@ def test_queue_bound_only_200_and_503(tmp_path: Path) -> None:
             {"role": "user", "content": "x"}]})["choices"]
     finally:
         assert d.stop() == 0, d.log()
+
+
+def test_num_ctx_is_a_load_option(budgeted: Daemon) -> None:
+    d = budgeted
+    gen(d, "a")
+    assert loaded(d)["a"]["context_length"] == CTX
+    gen(d, "a", options={"num_ctx": 1024, "num_predict": 2})
+    assert loaded(d)["a"]["context_length"] == 1024
+    gen(d, "a")
+    assert loaded(d)["a"]["context_length"] == CTX

@@ -106,8 +106,8 @@ class EngineCall:
 @contextlib.asynccontextmanager
 async def engine_call(request: web.Request, name: str, path: str, *, body: bytes | None,
                       keep_alive: float | None = None, method: str = "POST",
-                      query: Any = None, content_type: str = "application/json"
-                      ) -> AsyncIterator[EngineCall]:
+                      query: Any = None, content_type: str = "application/json",
+                      entry: Any = None) -> AsyncIterator[EngineCall]:
     """Lease a worker for `name` and send it one request. A failure before the first byte
     (connection refused or reset, an SSE stream broken before its first chunk) is retried
     once, on a fresh worker when the engine died; a timeout is not retried (the hung engine
@@ -120,7 +120,8 @@ async def engine_call(request: web.Request, name: str, path: str, *, body: bytes
     started = time.monotonic()
     for attempt in (1, 2):
         async with contextlib.AsyncExitStack() as stack:
-            runner = await stack.enter_async_context(scheduler.lease(name, keep_alive=keep_alive))
+            runner = await stack.enter_async_context(scheduler.lease(name, keep_alive=keep_alive,
+                                                                       entry=entry))
             waited = time.monotonic() - started
             worker = runner.worker
             headers = dict(worker.auth_headers)

@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import keys
+from ..catalog import with_load_options
 from ..errors import BadRequest
 from .common import engine_call, keep_alive_field, model_field, note_request, read_json, jresp
 from .streaming import relay_translated
@@ -31,16 +32,22 @@ def _stream_flag(body: dict[str, Any]) -> bool:
     return value
 
 
+def _entry(request: web.Request, name: str, body: dict[str, Any]) -> Any:
+    """The model's catalog entry with this request's load options (num_ctx, num_gpu)."""
+    entry = request.app[keys.CATALOG].resolve(name)
+    return with_load_options(entry, tx.load_options(body, entry.defaults))
+
+
 async def _load_or_unload(request: web.Request, name: str, keep_alive: float | None,
-                          *, chat: bool) -> web.Response:
+                          *, chat: bool, body: dict[str, Any]) -> web.Response:
     """Nothing to generate: load the model (done_reason "load"), or with keep_alive 0
     unload it ("unload"), as Ollama does."""
     scheduler = request.app[keys.SCHEDULER]
-    entry = request.app[keys.CATALOG].resolve(name)
+    entry = _entry(request, name, body)
     if keep_alive == 0:
         await scheduler.unload(entry.name)
         return jresp(rx.load_response(name, chat=chat, done_reason="unload"))
-    await scheduler.load(entry.name, keep_alive=keep_alive)
+    await scheduler.load(entry.name, keep_alive=keep_alive, entry=entry)
     return jresp(rx.load_response(name, chat=chat, done_reason="load"))
 
 
@@ -54,12 +61,13 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if messages is not None and not isinstance(messages, list):
         raise BadRequest("messages must be a list")
     if not messages:
-        return await _load_or_unload(request, name, keep_alive, chat=True)
-    entry = request.app[keys.CATALOG].resolve(name)
+        return await _load_or_unload(request, name, keep_alive, chat=True, body=body)
+    entry = _entry(request, name, body)
     payload = tx.chat_request(body, entry.defaults)
     payload["model"] = entry.name
     data = json.dumps(payload).encode()
-    async with engine_call(request, name, CHAT_PATH, body=data, keep_alive=keep_alive) as call:
+    async with engine_call(request, name, CHAT_PATH, body=data, keep_alive=keep_alive,
+                           entry=entry) as call:
         if stream:
             return await relay_translated(request, call, ChatStream(name), encode_ndjson)
         answer = await call.resp.json(content_type=None)
@@ -77,12 +85,13 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if prompt is not None and not isinstance(prompt, str):
         raise BadRequest("prompt must be a string")
     if not prompt and not body.get("suffix"):
-        return await _load_or_unload(request, name, keep_alive, chat=False)
-    entry = request.app[keys.CATALOG].resolve(name)
+        return await _load_or_unload(request, name, keep_alive, chat=False, body=body)
+    entry = _entry(request, name, body)
     path, payload = tx.generate_request(body, entry.defaults)
     payload["model"] = entry.name
     data = json.dumps(payload).encode()
-    async with engine_call(request, name, path, body=data, keep_alive=keep_alive) as call:
+    async with engine_call(request, name, path, body=data, keep_alive=keep_alive,
+                           entry=entry) as call:
         if stream:
             return await relay_translated(request, call, GenerateStream(name), encode_ndjson)
         answer = await call.resp.json(content_type=None)

@@ -75,11 +75,13 @@ class Scheduler:
     # ------------------------------------------------------------------ leases
 
     @contextlib.asynccontextmanager
-    async def lease(self, name: str, *, keep_alive: float | None = None
-                    ) -> AsyncIterator[Runner]:
+    async def lease(self, name: str, *, keep_alive: float | None = None,
+                    entry: ModelEntry | None = None) -> AsyncIterator[Runner]:
+        """A ready worker for `name`. `entry` overrides the catalog's (load options such as
+        Ollama's num_ctx); a loaded worker with other load options is reloaded when idle."""
         if self.closing:
             raise ShuttingDown("routerd is shutting down")
-        entry = self.catalog.resolve(name)
+        entry = entry or self.catalog.resolve(name)
         self.failures.check(entry.name)
         if self.waiting >= self.config.max_queue:
             raise QueueFull(f"server busy: {self.waiting} requests already waiting "
@@ -164,20 +166,30 @@ class Scheduler:
     # ------------------------------------------------------------------ loading
 
     async def ensure_loaded(self, entry: ModelEntry) -> Runner:
-        runner = self.runners.get(entry.name)
-        if runner is not None and runner.worker.ready:
-            return runner
-        task = self._loading.get(entry.name)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._load(entry))
-            self._loading[entry.name] = task
-            task.add_done_callback(lambda _t, n=entry.name: self._loading.pop(n, None))
-        # Shielded: one impatient client leaving does not cancel a load others wait on.
-        return await asyncio.shield(task)
+        want = entry.launch.identity()
+        for _ in range(3):  # a load with other load options may be in flight: then ours
+            runner = self.runners.get(entry.name)
+            if (runner is not None and runner.worker.ready
+                    and runner.entry.launch.identity() == want):
+                return runner
+            task = self._loading.get(entry.name)
+            if task is None:
+                task = asyncio.get_running_loop().create_task(self._load(entry))
+                self._loading[entry.name] = task
+                task.add_done_callback(lambda _t, n=entry.name: self._loading.pop(n, None))
+            # Shielded: one impatient client leaving does not cancel a load others wait on.
+            runner = await asyncio.shield(task)
+            if runner.entry.launch.identity() == want:
+                return runner
+        raise ModelFailed(f"model {entry.name!r} is being reloaded with other options by "
+                          "concurrent requests; retry")
 
     async def _load(self, entry: ModelEntry) -> Runner:
         async with self._load_lock:
             current = self.runners.get(entry.name)
+            if current is not None and current.entry.launch.identity() != entry.launch.identity():
+                await self._replace(current)  # other load options: reload once it is idle
+                current = None
             if current is not None and current.worker.ready:
                 return current
             await self.failures.backoff(entry.name)
@@ -222,6 +234,14 @@ class Scheduler:
         self._arm_expiry(runner)  # a load with no request (preload, empty prompt) expires too
         self._publish_memory(runner)
         return runner
+
+    async def _replace(self, runner: Runner) -> None:
+        deadline = time.monotonic() + self.config.timeouts.load
+        while runner.refs and time.monotonic() < deadline:
+            async with self._changed:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), 1.0)
+        await self._unload(runner, reason="load-options-changed")
 
     def _idle_runners(self) -> list[Runner]:
         return [r for r in self.runners.values() if r.refs == 0 and r.worker.ready]
@@ -277,9 +297,10 @@ class Scheduler:
 
     # ------------------------------------------------------------------ control
 
-    async def load(self, name: str, *, keep_alive: float | None = None) -> Runner:
+    async def load(self, name: str, *, keep_alive: float | None = None,
+                   entry: ModelEntry | None = None) -> Runner:
         """Load without a request (empty prompt, preload); arm its keep-alive."""
-        async with self.lease(name, keep_alive=keep_alive) as runner:
+        async with self.lease(name, keep_alive=keep_alive, entry=entry) as runner:
             return runner
 
     async def unload(self, name: str) -> bool:

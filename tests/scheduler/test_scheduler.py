@@ -316,3 +316,31 @@ async def test_preload_in_budget_order() -> None:
     await s.preload()
     assert [m for op, m in log if op == "start"] == ["b", "a"]
     await s.close()
+
+
+async def test_other_load_options_reload_once_idle() -> None:
+    from dataclasses import replace
+
+    s, log = make({"a": GB})
+    await use(s, "a")
+    entry = s.catalog.resolve("a")
+    bigger = replace(entry, launch=replace(entry.launch, ctx_size=8192))
+    gate = asyncio.Event()
+
+    async def hold() -> None:
+        async with s.lease("a"):
+            await gate.wait()
+
+    h = asyncio.create_task(hold())
+    await asyncio.sleep(0.01)
+    other = asyncio.create_task(s.load("a", entry=bigger))
+    await asyncio.sleep(0.05)
+    assert not other.done() and log.count(("start", "a")) == 1  # waits for the busy one
+    gate.set()
+    await asyncio.wait_for(other, 5)
+    await h
+    assert log == [("start", "a"), ("stop", "a"), ("start", "a")]
+    assert s.runners["a"].entry.launch.ctx_size == 8192
+    await use(s, "a", )  # the catalog's entry differs again → reload back
+    assert log.count(("start", "a")) == 3
+    await s.close()
