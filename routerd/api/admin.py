@@ -48,7 +48,14 @@ def _tag(e: ModelEntry) -> dict[str, Any]:
 async def tags(request: web.Request) -> web.Response:
     catalog = request.app[keys.CATALOG]
     catalog.refresh()  # pulls, deletes and files on disk change between calls; reads are cached
-    return jresp({"models": [_tag(e) for e in catalog.entries()]})
+    models = []
+    for e in catalog.entries():
+        tag = _tag(e)
+        models.append(tag)
+        for alias in e.aliases:  # every configured model by name and by alias
+            models.append({**tag, "name": alias, "model": alias,
+                           "routerd": {**tag["routerd"], "alias_of": e.name}})
+    return jresp({"models": models})
 
 
 async def ps(request: web.Request) -> web.Response:

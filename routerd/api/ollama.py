@@ -51,6 +51,14 @@ async def _load_or_unload(request: web.Request, name: str, keep_alive: float | N
     return jresp(rx.load_response(name, chat=chat, done_reason="load"))
 
 
+def _counted(request: web.Request, out: dict[str, Any]) -> web.Response:
+    metrics = request.app.get(keys.METRICS)
+    if metrics is not None:
+        metrics.add_tokens(out["model"], out.get("prompt_eval_count", 0),
+                           out.get("eval_count", 0))
+    return jresp(out)
+
+
 async def chat(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     name = model_field(body)
@@ -71,7 +79,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         if stream:
             return await relay_translated(request, call, ChatStream(name), encode_ndjson)
         answer = await call.resp.json(content_type=None)
-        return jresp(rx.chat_response(answer, name, load_ns=call.load_ns,
+        return _counted(request, rx.chat_response(answer, name, load_ns=call.load_ns,
                                                   total_ns=call.total_ns()))
 
 
@@ -95,7 +103,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         if stream:
             return await relay_translated(request, call, GenerateStream(name), encode_ndjson)
         answer = await call.resp.json(content_type=None)
-        return jresp(rx.generate_response(answer, name, load_ns=call.load_ns,
+        return _counted(request, rx.generate_response(answer, name, load_ns=call.load_ns,
                                                       total_ns=call.total_ns()))
 
 
