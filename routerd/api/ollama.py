@@ -61,50 +61,45 @@ def _counted(request: web.Request, out: dict[str, Any]) -> web.Response:
 
 async def chat(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
-    name = model_field(body)
-    note_request(request, name)
-    keep_alive = keep_alive_field(body)
-    stream = _stream_flag(body)
     messages = body.get("messages")
     if messages is not None and not isinstance(messages, list):
         raise BadRequest("messages must be a list")
-    if not messages:
-        return await _load_or_unload(request, name, keep_alive, chat=True, body=body)
-    entry = _entry(request, name, body)
-    payload = tx.chat_request(body, entry.defaults)
-    payload["model"] = entry.name
-    data = json.dumps(payload).encode()
-    async with engine_call(request, name, CHAT_PATH, body=data, keep_alive=keep_alive,
-                           entry=entry) as call:
-        if stream:
-            return await relay_translated(request, call, ChatStream(name), encode_ndjson)
-        answer = await call.resp.json(content_type=None)
-        return _counted(request, rx.chat_response(answer, name, load_ns=call.load_ns,
-                                                  total_ns=call.total_ns()))
+    return await _infer(request, body, chat=True, empty=not messages)
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
+    prompt = body.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise BadRequest("prompt must be a string")
+    return await _infer(request, body, chat=False, empty=not prompt and not body.get("suffix"))
+
+
+async def _infer(request: web.Request, body: dict[str, Any], *, chat: bool,
+                 empty: bool) -> web.StreamResponse:
+    """/api/chat and /api/generate: translate, lease, relay (streamed or folded)."""
     name = model_field(body)
     note_request(request, name)
     keep_alive = keep_alive_field(body)
     stream = _stream_flag(body)
-    prompt = body.get("prompt")
-    if prompt is not None and not isinstance(prompt, str):
-        raise BadRequest("prompt must be a string")
-    if not prompt and not body.get("suffix"):
-        return await _load_or_unload(request, name, keep_alive, chat=False, body=body)
+    if empty:
+        return await _load_or_unload(request, name, keep_alive, chat=chat, body=body)
     entry = _entry(request, name, body)
-    path, payload = tx.generate_request(body, entry.defaults)
+    if chat:
+        path, payload = CHAT_PATH, tx.chat_request(body, entry.defaults)
+    else:
+        path, payload = tx.generate_request(body, entry.defaults)
     payload["model"] = entry.name
     data = json.dumps(payload).encode()
     async with engine_call(request, name, path, body=data, keep_alive=keep_alive,
                            entry=entry) as call:
         if stream:
-            return await relay_translated(request, call, GenerateStream(name), encode_ndjson)
+            converter = ChatStream(name) if chat else GenerateStream(name)
+            return await relay_translated(request, call, converter, encode_ndjson)
         answer = await call.resp.json(content_type=None)
-        return _counted(request, rx.generate_response(answer, name, load_ns=call.load_ns,
-                                                      total_ns=call.total_ns()))
+        fold = rx.chat_response if chat else rx.generate_response
+        return _counted(request, fold(answer, name, load_ns=call.load_ns,
+                                      total_ns=call.total_ns()))
 
 
 async def embed(request: web.Request) -> web.Response:
