@@ -73,8 +73,14 @@ async def _serve(config: Config) -> int:
         log.info("routerd.stopping", signal=sig.name)
         stop.set()
 
+    reloads: set[asyncio.Task[bool]] = set()  # owned here: the loop keeps only weak refs
+
     def on_hup() -> None:
-        loop.create_task(apply_reload(app))
+        if stop.is_set():
+            return
+        task = loop.create_task(apply_reload(app))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop, sig)

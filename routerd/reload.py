@@ -1,11 +1,16 @@
 """SIGHUP: reload the config. New models appear; removed ones drain and stop; changed ones
-restart after their in-flight requests; unchanged models and their requests are untouched."""
+restart after their in-flight requests; unchanged models and their requests are untouched.
+
+Reloads are serialised (a second SIGHUP waits for the first's config swap), and a config that
+does not load changes nothing.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import warnings
+from dataclasses import replace
 
 import structlog
 from aiohttp import web
@@ -16,8 +21,30 @@ from .sdnotify import notify
 
 log = structlog.get_logger(__name__)
 
+RELOAD_LOCK: web.AppKey[asyncio.Lock] = web.AppKey("reload_lock", asyncio.Lock)
+
 
 async def apply_reload(app: web.Application, path: str | None = None) -> bool:
+    lock = app.get(RELOAD_LOCK)
+    if lock is None:
+        lock = asyncio.Lock()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # set after startup, on purpose
+            app[RELOAD_LOCK] = lock
+    async with lock:
+        retiring = _swap_config(app, path)
+        if retiring is None:
+            return False
+    # Outside the lock: draining may take timeouts.drain; the next reload need not wait.
+    scheduler = app[keys.SCHEDULER]
+    await asyncio.gather(*(scheduler.retire(r, restart=restart) for r, restart in retiring),
+                         return_exceptions=True)
+    return True
+
+
+def _swap_config(app: web.Application, path: str | None) -> list[tuple[object, bool]] | None:
+    """Load and install the new config; the runners to retire, each with whether its model
+    is still configured (then it restarts with the new settings)."""
     old = app[keys.CONFIG]
     notify("RELOADING=1")
     try:
@@ -25,9 +52,7 @@ async def apply_reload(app: web.Application, path: str | None = None) -> bool:
     except ConfigError as e:
         log.error("config.reload_failed", error=str(e))
         notify("READY=1")
-        return False
-    from dataclasses import replace
-
+        return None
     new = replace(new, host=old.host, port=old.port)  # the socket stays as bound
     scheduler, catalog = app[keys.SCHEDULER], app[keys.CATALOG]
     before = {e.name: e for e in catalog.entries()}
@@ -38,14 +63,14 @@ async def apply_reload(app: web.Application, path: str | None = None) -> bool:
     catalog.refresh(new)
     scheduler.failures.reset()
     after = {e.name: e for e in catalog.entries()}
-    stale = []
+    retiring = []
     for name, runner in list(scheduler.runners.items()):
-        entry = after.get(name)
-        if entry is None or entry.launch.identity() != before[name].launch.identity():
-            stale.append(runner)
+        entry, was = after.get(name), before.get(name, runner.entry)
+        if entry is None or entry.launch.identity() != was.launch.identity():
+            retiring.append((runner, entry is not None))
     log.info("config.reloaded", added=sorted(set(after) - set(before)),
-             removed=sorted(set(before) - set(after)), restarting=[r.name for r in stale])
-    # Stopping drains each worker's in-flight requests first (bounded by timeouts.drain).
-    await asyncio.gather(*(scheduler.retire(r) for r in stale), return_exceptions=True)
+             removed=sorted(set(before) - set(after)),
+             restarting=[r.name for r, again in retiring if again],
+             stopping=[r.name for r, again in retiring if not again])
     notify("READY=1")
-    return True
+    return retiring

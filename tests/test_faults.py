@@ -303,7 +303,9 @@ async def test_retried_only_once(daemons: Callable[..., Daemon],
                          json={"model": "doomed", "prompt": "hi", "stream": False}) as r:
         assert r.status == 502, await r.text()
         assert "error" in await r.json()
-    assert len(log_events(d, "worker.spawned")) == 2
+    # two attempts, each on a fresh worker that died of it; no third
+    assert len(log_events(d, "request.retry")) == 1
+    assert len(log_events(d, "worker.crashed")) == 2
 
 
 # ---------------------------------------------------------------- hung workers
@@ -322,16 +324,21 @@ async def test_hung_worker_detected_and_replaced(daemons: Callable[..., Daemon],
         events = await s.rest(timeout=10)  # the stream stops with the hang; the prober kills
     assert is_error(events[-1]), events[-3:]
     await wait_for(lambda: pid_gone(pid), 5, "hung worker killed")
-    ready = stamp(log_events(d, "worker.ready")[0])
+    hang_start = stamp(log_events(d, "worker.ready")[0]) + hang_after
     hung = log_events(d, "worker.hung")
     assert hung, d.log()
-    detected = stamp(hung[0]) - (ready + hang_after)
+    detected = stamp(hung[0]) - hang_start
     assert detected < 0.5 + 0.5 + 1.0, detected  # probe interval + timeout + slack
+    # replaced without waiting for a request (after the first backoff step, 0.5 s)
+    await wait_for(lambda: len(log_events(d, "worker.ready")) == 2, 10, "replacement ready")
+    replaced = stamp(log_events(d, "worker.ready")[1]) - hang_start
+    assert replaced < 0.5 + 0.5 + 0.5 + 3.0, replaced
     t1 = time.monotonic()
     again = await full_stream(http, d, "ollama-chat", "hangs")
     assert again[-1].get("done") is True
-    report("hung-after-ready", detected_after_hang_s=detected,
-           replaced_and_answered_s=time.monotonic() - t1)
+    assert len(log_events(d, "worker.spawned")) == 2
+    report("hung-after-ready", detected_after_hang_s=detected, replacement_ready_s=replaced,
+           next_answer_s=time.monotonic() - t1)
 
 
 async def test_requests_hang_behind_healthy_health(daemons: Callable[..., Daemon],

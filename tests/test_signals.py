@@ -20,7 +20,7 @@ import pytest
 from tests.conftest import Daemon, fake_model
 from tests.test_faults import (Stream, daemons, full_stream, http, is_error,  # noqa: F401
                                is_final, log_events, pid_gone, pid_of, ps, real_model, report,
-                               wait_for)
+                               stamp, wait_for)
 
 pytestmark = pytest.mark.timeout(120)
 SLOW = ("--tokens", "40", "--token-delay", "0.05")  # a 2 s stream
@@ -171,7 +171,11 @@ async def test_sighup_reload(daemons: Callable[..., Daemon], http: aiohttp.Clien
         async with http.post(d.base_url + "/api/chat", json={"model": "removed",
                                                              "messages": []}) as r:
             assert r.status == 404  # gone for new requests at once
+        # a request for the changed model waits for the old worker to drain and stop, then
+        # gets the new one: two copies never hold memory at once
+        waiter = asyncio.create_task(full_stream(http, d, "ollama-chat", "changed"))
         finished = {m: await s.rest(timeout=20) for m, s in streams.items()}
+        changed_first = await asyncio.wait_for(waiter, 20)
     finally:
         for s in streams.values():
             await s.__aexit__(None, None, None)
@@ -185,8 +189,10 @@ async def test_sighup_reload(daemons: Callable[..., Daemon], http: aiohttp.Clien
                    "removed and changed workers stopped after their streams")
     loaded = {m["name"] for m in (await ps(http, d))["models"]}
     assert "removed" not in loaded
-    changed = await full_stream(http, d, "ollama-chat", "changed")
-    assert "new words" in "".join(e["message"]["content"] for e in changed)
+    assert "new words" in "".join(e["message"]["content"] for e in changed_first)
+    stopped = [stamp(e) for e in log_events(d, "worker.stopped") if e["pid"] == before["changed"]]
+    spawned = [stamp(e) for e in log_events(d, "worker.spawned") if e["model"] == "changed"]
+    assert len(spawned) == 2 and spawned[1] > stopped[0]
     assert await pid_of(http, d, "changed") != before["changed"]
     added = await full_stream(http, d, "ollama-chat", "added")
     assert "I am new" in "".join(e["message"]["content"] for e in added)

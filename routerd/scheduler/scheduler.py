@@ -23,7 +23,7 @@ from ..workers.process import Worker, WorkerLoadError
 from ..workers.state import WorkerState
 from . import policy
 from .accounting import Accountant
-from .supervision import FailureTracker
+from .supervision import FailureTracker, load_in_background
 
 log = structlog.get_logger(__name__)
 
@@ -311,13 +311,33 @@ class Scheduler:
         await self._unload(runner, reason="request")
         return True
 
-    async def retire(self, runner: Runner) -> None:
-        """Config reload: take the runner out of service now (new requests load afresh), let
-        its in-flight requests finish (bounded), then stop it."""
-        await self._unload(runner, reason="config-changed")
+    async def retire(self, runner: Runner, *, restart: bool = False) -> None:
+        """Config reload: the runner takes no new requests from now on; its in-flight
+        requests finish (bounded by timeouts.drain) and the worker stops. With `restart` (its
+        config changed), a worker with the new config starts only then, and requests for the
+        model wait for that one: two copies never hold memory at once."""
+        if self.runners.get(runner.name) is runner:
+            del self.runners[runner.name]
+
+        async def swap() -> Runner:
+            try:
+                await self._unload(runner, reason="config-changed")
+            except asyncio.CancelledError:
+                await runner.worker.kill()  # shutting down: nothing left to drain
+                raise
+            return await self._load(self.catalog.resolve(runner.name))
+
+        task = load_in_background(self, runner.name, swap, why="config-changed") \
+            if restart else None
+        if task is None:
+            await self._unload(runner, reason="config-changed" if restart else "config-removed")
+        else:
+            await asyncio.wait({task})
 
     def worker_exited(self, worker: Worker) -> None:
-        """Worker on_exit callback: a crash frees the books; the next request reloads."""
+        """Worker on_exit callback: a crash (or a kill for hanging) frees the books, and the
+        model is restarted in the background after its backoff; requests wait for that load.
+        A model failing too often is marked failed instead (FailureTracker)."""
         runner = self.runners.get(worker.model)
         if runner is None or runner.worker is not worker:
             return
@@ -331,9 +351,12 @@ class Scheduler:
                 self.metrics.inc_restart(worker.model)
                 self.metrics.forget(worker.model)
             self._spawn(self._notify())
+            if self.failures.reason(worker.model) is None:
+                load_in_background(self, worker.model, lambda: self._load(runner.entry),
+                                   why="worker-failed")
 
     async def kill_hung(self, runner: Runner, reason: str) -> None:
-        """A worker that stopped answering: SIGKILL it and forget it (the next request reloads)."""
+        """A worker that stopped answering: SIGKILL it; its exit restarts it (worker_exited)."""
         if self.runners.get(runner.name) is not runner:
             return
         log.warning("worker.hung", model=runner.name, pid=runner.worker.pid, reason=reason)

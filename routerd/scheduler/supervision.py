@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import aiohttp
 import structlog
@@ -85,6 +85,31 @@ class FailureTracker:
         if wait > 0:
             log.info("worker.backoff", model=name, seconds=round(wait, 3))
             await asyncio.sleep(wait)
+
+
+def load_in_background(scheduler: Scheduler, name: str,
+                       steps: Callable[[], Awaitable[Runner]], *,
+                       why: str) -> asyncio.Task[Runner] | None:
+    """Run `steps` as the model's one load: requests for `name` wait for it (`ensure_loaded`
+    joins the task in `_loading`) instead of starting another. None if a load already runs."""
+    if name in scheduler._loading or scheduler.closing:
+        return None
+
+    async def run() -> Runner:
+        return await steps()
+
+    task = asyncio.get_running_loop().create_task(run())
+    scheduler._loading[name] = task
+
+    def done(t: asyncio.Task[Runner]) -> None:
+        if scheduler._loading.get(name) is t:
+            del scheduler._loading[name]
+        if not t.cancelled() and t.exception() is not None:
+            log.warning("worker.restart_failed", model=name, why=why, error=str(t.exception()))
+
+    task.add_done_callback(done)
+    log.info("worker.restarting", model=name, why=why)
+    return task
 
 
 class Prober:
