@@ -458,9 +458,9 @@ async def slots_busy(http: aiohttp.ClientSession, d: Daemon, model: str) -> bool
         return any(s.get("is_processing") for s in await r.json())
 
 
-async def client_leaves(http: aiohttp.ClientSession, d: Daemon, model: str, *,
+async def client_leaves(http: aiohttp.ClientSession, d: Daemon, dialect: str, model: str, *,
                         real: bool) -> float:
-    async with Stream(http, d, "native", model, n=LONG if real else None) as s:
+    async with Stream(http, d, dialect, model, n=LONG if real else None) as s:
         await s.until_text(3)
         assert await slots_busy(http, d, model)
         assert s.resp is not None
@@ -470,7 +470,7 @@ async def client_leaves(http: aiohttp.ClientSession, d: Daemon, model: str, *,
         return not await slots_busy(http, d, model)
 
     took = await wait_for(idle, 2, "engine stopped generating")
-    report(f"client-leaves{' real' if real else ''}", engine_idle_after_s=took)
+    report(f"client-leaves {dialect}{' real' if real else ''}", engine_idle_after_s=took)
     # and the model keeps serving
     async with http.post(d.base_url + "/completion",
                          json={"model": model, "prompt": "Hi", "n_predict": 4}) as r:
@@ -479,20 +479,22 @@ async def client_leaves(http: aiohttp.ClientSession, d: Daemon, model: str, *,
     return took
 
 
-async def test_client_leaves_fake(daemons: Callable[..., Daemon],
-                                  http: aiohttp.ClientSession) -> None:
+@pytest.mark.parametrize("dialect", list(DIALECTS))
+async def test_client_leaves_fake(daemons: Callable[..., Daemon], http: aiohttp.ClientSession,
+                                  dialect: str) -> None:
     d = daemons({"fake": fake_model("--tokens", "2000", "--token-delay", "0.01", parallel=2)})
-    await client_leaves(http, d, "fake", real=False)
+    await client_leaves(http, d, dialect, "fake", real=False)
     async with http.get(d.base_url + "/api/logs", params={"model": "fake"}) as r:
         logs = await r.text()
-    assert logs.count("request POST /completion") == 2  # the one that was left, never re-sent
+    assert logs.count("request POST") == 2  # the one that was left (never re-sent), the next
 
 
 @pytest.mark.engine
-async def test_client_leaves_real(daemons: Callable[..., Daemon],
-                                  http: aiohttp.ClientSession) -> None:
+@pytest.mark.parametrize("dialect", ["native", "ollama-generate"])
+async def test_client_leaves_real(daemons: Callable[..., Daemon], http: aiohttp.ClientSession,
+                                  dialect: str) -> None:
     d = daemons({"smol": real_model()}, timeouts=REAL_TIMEOUTS)
-    await client_leaves(http, d, "smol", real=True)
+    await client_leaves(http, d, dialect, "smol", real=True)
 
 
 if __name__ == "__main__":  # pragma: no cover
