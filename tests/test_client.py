@@ -42,7 +42,7 @@ class FakeDaemon:
         return web.json_response({"models": [{
             "name": "smollm2", "model": "smollm2", "size": 300_000_000, "size_vram": 0,
             "digest": "abcdef0123456789", "context_length": 4096,
-            "expires_at": (NOW + timedelta(minutes=4, seconds=30)).isoformat(),
+            "expires_at": (NOW + timedelta(hours=4, minutes=30)).isoformat(),
         }]})
 
     async def show(self, request: web.Request) -> web.Response:
@@ -131,7 +131,7 @@ async def test_ps(daemon: tuple[FakeDaemon, str], capsys: pytest.CaptureFixture[
     assert header.split() == ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]
     assert row.index("100% CPU") == header.index("PROCESSOR")
     assert row.split() == ["smollm2", "abcdef012345", "300", "MB", "100%", "CPU", "4096",
-                           "4", "minutes", "from", "now"]
+                           "4", "hours", "from", "now"]
 
 
 async def test_show_and_not_found(daemon: tuple[FakeDaemon, str],
