@@ -158,3 +158,31 @@ def test_cli_client_commands(daemon: Daemon) -> None:
     assert r.returncode == 0 and r.stdout.strip()
     r = run("show", "no-such-model")
     assert r.returncode == 1 and "Error" in r.stderr
+
+
+@pytest.mark.parametrize("model", BACKENDS)
+def test_native_endpoints(daemon: Daemon, model: str) -> None:
+    toks = daemon.post(f"/tokenize?model={model}", {"content": "Hello world"})["tokens"]
+    assert toks and all(isinstance(t, int) for t in toks)
+    text = daemon.post("/detokenize", {"model": model, "tokens": toks})["content"]
+    assert "Hello world" in text
+    props = daemon.get(f"/props?model={model}")
+    assert props["default_generation_settings"]["n_ctx"] >= 1024  # per slot
+    done = daemon.post("/completion", {"model": model, "prompt": "The capital of France is",
+                                       "n_predict": 6, "temperature": 0})
+    assert done["content"] and done["stop"] is True
+    assert daemon.get(f"/upstream/{model}/props")["default_generation_settings"]
+    assert daemon.get("/health") == {"status": "ok"}
+
+
+def test_upstream_path_confined(daemon: Daemon) -> None:
+    import urllib.error
+    import urllib.request
+
+    for bad in ("/upstream/smollm2/%2e%2e/%2e%2e/etc/passwd", "/upstream/smollm2/a%5c..%5cb"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(daemon.base_url + bad, timeout=30)
+        assert e.value.code in (400, 404)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(daemon.base_url + "/upstream/no-such-model/props", timeout=30)
+    assert e.value.code == 404

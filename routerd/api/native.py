@@ -63,9 +63,20 @@ async def health(request: web.Request) -> web.Response:
     return jresp({"status": "ok"})
 
 
+def _split_upstream(request: web.Request) -> tuple[str, str]:
+    """`/upstream/<model>/<path>`: model names may hold `/` (hf/org/repo:q4), so the longest
+    leading run of segments that names a known model wins."""
+    parts = request.match_info["tail"].split("/")
+    catalog = request.app[keys.CATALOG]
+    for i in range(len(parts) - 1, 0, -1):
+        name = "/".join(parts[:i])
+        if catalog.get(name) is not None:
+            return name, upstream_path("/".join(parts[i:]))
+    return parts[0], upstream_path("/".join(parts[1:]))
+
+
 async def upstream(request: web.Request) -> web.StreamResponse:
-    name = request.match_info["model"]
-    path = upstream_path(request.match_info.get("path", ""))
+    name, path = _split_upstream(request)
     note_request(request, name)
     raw = await request.read() if request.body_exists else None
     ctype = request.headers.get("Content-Type", "application/json")
@@ -83,4 +94,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/detokenize", detokenize)
     app.router.add_get("/props", props)
     app.router.add_get("/health", health)
-    app.router.add_route("*", "/upstream/{model}/{path:.*}", upstream)
+    app.router.add_route("*", "/upstream/{tail:.+}", upstream)
