@@ -52,6 +52,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         err = RouterdError(f"request body too large ({e.text})")
         err.status, err.code = 413, "payload_too_large"
         return jresp(error_body(dialect(request.path), err), status=413)
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as e:
+        err = RouterdError(f"{e.reason}: {request.method} {request.path}")
+        err.status, err.code, err.type = e.status, "not_found", "invalid_request_error"
+        if e.status == 405:
+            err.code = "method_not_allowed"
+        return jresp(error_body(dialect(request.path), err), status=e.status,
+                     headers={k: v for k, v in e.headers.items() if k == "Allow"})
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
