@@ -91,7 +91,11 @@ async def _serve(config: Config) -> int:
     notify("READY=1")
     await stop.wait()
     notify("STOPPING=1")
-    await runner.cleanup()  # stop accepting, drain handlers (bounded), stop workers
+    await site.stop()  # stop accepting; requests in flight go on
+    # Drain in-flight requests (bounded by timeouts.drain), then stop the workers: a stream
+    # still running at the deadline ends with an in-band error, not a silent cut.
+    await app[keys.SCHEDULER].close(config.timeouts.drain)
+    await runner.cleanup()  # close idle connections, let the handlers finish, clean up
     log.info("routerd.stopped")
     return 0
 

@@ -122,6 +122,24 @@ async def test_stop_signal_drains_then_exits_0(daemons: Callable[..., Daemon],
     report(f"{sig.name} drain", stream_done_s=drained, daemon_exit_s=exited)
 
 
+async def test_drain_deadline_ends_streams_in_band(daemons: Callable[..., Daemon],
+                                                    http: aiohttp.ClientSession) -> None:
+    d = daemons({"fake": fake_model("--tokens", "2000", "--token-delay", "0.05")},
+                timeouts={"drain": "1s", "stop": "1s"})
+    async with Stream(http, d, "ollama-chat", "fake") as s:
+        await s.until_text(3)
+        pid = await pid_of(http, d, "fake")
+        d.proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        events = await s.rest(timeout=10)
+        ended = time.monotonic() - t0
+    assert "shutting down" in events[-1]["error"], events[-3:]
+    assert ended < 1 + 1 + 1, ended  # drain + the engine's own stop + slack
+    assert await wait_exit(d, 10) == 0, d.log()
+    assert pid_gone(pid)
+    report("drain-deadline", stream_cut_in_band_s=ended, daemon_exit_s=time.monotonic() - t0)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_second_signal_forces_exit(daemons: Callable[..., Daemon],
                                          http: aiohttp.ClientSession,

@@ -46,6 +46,8 @@ async def _upstream_failed(request: web.Request, call: EngineCall, error: BaseEx
         scheduler = request.app[keys.SCHEDULER]
         await scheduler.kill_hung(call.runner, "a request saw no output within the idle timeout")
         return "engine stopped producing output (timed out); the worker was restarted"
+    if request.app[keys.SCHEDULER].closing:
+        return "routerd is shutting down: the stream was cut at the drain deadline"
     reason = await _crashed_reason(call)
     return f"{reason}: {error}" if str(error) else reason
 
