@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import time
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Iterator
 
 import aiohttp
 import structlog
@@ -297,7 +297,7 @@ class Worker:
     # ------------------------------------------------------------------ requests
 
     @contextlib.contextmanager
-    def track(self):
+    def track(self) -> Iterator[Worker]:
         """Count an in-flight request (drain waits for these)."""
         self.inflight += 1
         self._idle.clear()
@@ -318,8 +318,8 @@ class Worker:
                 yield line
             if self._exited.done():
                 return
-            while (line := await q.get()) is not None:
-                yield line
+            while (live := await q.get()) is not None:
+                yield live
         finally:
             self._subscribers.discard(q)
 
