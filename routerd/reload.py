@@ -11,6 +11,7 @@ import asyncio
 import os
 import warnings
 from dataclasses import replace
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -32,19 +33,26 @@ async def apply_reload(app: web.Application, path: str | None = None) -> bool:
             warnings.simplefilter("ignore", DeprecationWarning)  # set after startup, on purpose
             app[RELOAD_LOCK] = lock
     async with lock:
-        retiring = _swap_config(app, path)
-        if retiring is None:
+        swapped = _swap_config(app, path)
+        if swapped is None:
             return False
+    retiring, added = swapped
     # Outside the lock: draining may take timeouts.drain; the next reload need not wait.
     scheduler = app[keys.SCHEDULER]
-    await asyncio.gather(*(scheduler.retire(r, restart=restart) for r, restart in retiring),
-                         return_exceptions=True)
+    preload = [e.name for e in app[keys.CATALOG].entries() if e.preload and e.name in added]
+    results = await asyncio.gather(
+        *(scheduler.retire(r, restart=restart) for r, restart in retiring),
+        *(scheduler.load(name) for name in preload), return_exceptions=True)
+    for result in results:
+        if isinstance(result, Exception):
+            log.error("config.reload_step_failed", error=str(result))
     return True
 
 
-def _swap_config(app: web.Application, path: str | None) -> list[tuple[object, bool]] | None:
-    """Load and install the new config; the runners to retire, each with whether its model
-    is still configured (then it restarts with the new settings)."""
+def _swap_config(app: web.Application,
+                 path: str | None) -> tuple[list[tuple[Any, bool]], set[str]] | None:
+    """Load and install the new config. Returns the runners to retire, each with whether its
+    model is still configured (then it restarts with the new settings), and the names added."""
     old = app[keys.CONFIG]
     notify("RELOADING=1")
     try:
@@ -73,4 +81,4 @@ def _swap_config(app: web.Application, path: str | None) -> list[tuple[object, b
              restarting=[r.name for r, again in retiring if again],
              stopping=[r.name for r, again in retiring if not again])
     notify("READY=1")
-    return retiring
+    return retiring, set(after) - set(before)

@@ -179,7 +179,7 @@ async def test_sighup_reload(daemons: Callable[..., Daemon], http: aiohttp.Clien
         before = {m: await pid_of(http, d, m) for m in names}
         d.reload({"models": {"same": fake_model(*slow),
                              "changed": fake_model(*slow, "--reply", "new words"),
-                             "added": fake_model("--reply", "I am new")}})
+                             "added": fake_model("--reply", "I am new", preload=True)}})
 
         async def reloaded() -> bool:
             async with http.get(d.base_url + "/api/tags") as r:
@@ -212,6 +212,10 @@ async def test_sighup_reload(daemons: Callable[..., Daemon], http: aiohttp.Clien
     spawned = [stamp(e) for e in log_events(d, "worker.spawned") if e["model"] == "changed"]
     assert len(spawned) == 2 and spawned[1] > stopped[0]
     assert await pid_of(http, d, "changed") != before["changed"]
+    async def preloaded() -> bool:  # a new model marked preload loads without a request
+        return "added" in {m["name"] for m in (await ps(http, d))["models"]}
+
+    await wait_for(preloaded, 5, "new model preloaded")
     added = await full_stream(http, d, "ollama-chat", "added")
     assert "I am new" in "".join(e["message"]["content"] for e in added)
     assert await pid_of(http, d, "same") == before["same"]
