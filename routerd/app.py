@@ -20,7 +20,7 @@ from .config import Config
 from .scheduler.accounting import Accountant
 from .scheduler.scheduler import Scheduler
 from .scheduler.supervision import Prober
-from .workers.backends import build_argv, find_llama_server
+from .workers.backends import Argv, build_argv, find_llama_server
 from .workers.process import Worker
 from .workers.registry import WorkerRegistry
 
@@ -63,7 +63,7 @@ async def scheduler_context(app: web.Application) -> AsyncIterator[None]:
     scheduler: Scheduler
 
     def new_worker(entry: ModelEntry) -> Worker:
-        def build(host: str, port: int, api_key: str):  # type: ignore[no-untyped-def]
+        def build(host: str, port: int, api_key: str) -> Argv:
             return build_argv(entry.launch, host=host, port=port, api_key=api_key,
                               llama_server=llama_server)
 

@@ -85,7 +85,8 @@ async def _serve(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop, sig)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+    server = site._server
+    sockets = list(getattr(server, "sockets", None) or [])
     port = sockets[0].getsockname()[1] if sockets else config.port
     log.info("routerd.listening", host=config.host, port=port, version=__version__)
     notify("READY=1")

@@ -168,10 +168,10 @@ async def _engine_error(resp: aiohttp.ClientResponse, name: str) -> RouterdError
         data = json.loads(text)
         err = data.get("error", data)
         message = err.get("message", text) if isinstance(err, dict) else str(err)
-    e = UpstreamError(f"engine error for {name!r}: {message}")
-    if resp.status < 500:
-        e = BadRequest(message)
-        e.status = resp.status
+    if resp.status >= 500:
+        return UpstreamError(f"engine error for {name!r}: {message}")
+    e = BadRequest(message)  # the engine's 4xx (e.g. prompt longer than the context) passes
+    e.status = resp.status
     return e
 
 

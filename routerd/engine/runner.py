@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Generic, Iterator, TypeVar
+from typing import Any, AsyncGenerator, AsyncIterator, Callable, Generic, Iterator, TypeVar
 
 import structlog
 
@@ -104,7 +104,7 @@ class ModelRunner(Generic[M]):
         in_flight = self._waiting + (1 if self._lock.locked() else 0)
         return [i < in_flight for i in range(self.slots)]
 
-    async def stream(self, job: Job[M, T]) -> AsyncIterator[T]:
+    async def stream(self, job: Job[M, T]) -> AsyncGenerator[T, None]:
         """Run `job` with the model; yield what it yields. Closing the iterator cancels it.
 
         Use as `async with contextlib.aclosing(runner.stream(job)) as items:`.

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
 import structlog
 from aiohttp import web
@@ -155,7 +155,7 @@ async def _wait_loaded(state: EngineState, stop: asyncio.Event) -> bool:
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
     loading = _load_in_thread(state.opts, loop)
-    stopping = asyncio.ensure_future(stop.wait())
+    stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:

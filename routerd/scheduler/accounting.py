@@ -77,7 +77,7 @@ class Accountant:
     def budget(self) -> dict[str, int]:
         out = {"ram": self.config.memory.ram_budget.resolve(self.ram.total())}
         gpus = self.config.memory.gpus
-        explicit = {} if gpus == "auto" else {g.index: g.budget for g in gpus}
+        explicit = {} if isinstance(gpus, str) else {g.index: g.budget for g in gpus}
         for d in self._devices:
             if d.index in explicit:
                 out[f"gpu{d.index}"] = explicit[d.index].resolve(d.total)

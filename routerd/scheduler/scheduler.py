@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import math
 import time
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
@@ -176,13 +177,16 @@ class Scheduler:
             if task is None:
                 task = asyncio.get_running_loop().create_task(self._load(entry))
                 self._loading[entry.name] = task
-                task.add_done_callback(lambda _t, n=entry.name: self._loading.pop(n, None))
+                task.add_done_callback(partial(self._loaded, entry.name))
             # Shielded: one impatient client leaving does not cancel a load others wait on.
             runner = await asyncio.shield(task)
             if runner.entry.launch.identity() == want:
                 return runner
         raise ModelFailed(f"model {entry.name!r} is being reloaded with other options by "
                           "concurrent requests; retry")
+
+    def _loaded(self, name: str, _task: asyncio.Task[Runner]) -> None:
+        self._loading.pop(name, None)
 
     async def _load(self, entry: ModelEntry) -> Runner:
         async with self._load_lock:
