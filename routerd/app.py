@@ -39,6 +39,7 @@ async def discovery_context(app: web.Application) -> AsyncIterator[None]:
         discovery = Discovery(config)
         llama_server = find_llama_server(config.engines.llama_server)
         app[keys.OLLAMA_DIRS] = discovery.ollama_dirs()
+        app[keys.DISCOVERER] = discovery
         app[DISCOVERY] = lambda: discovery.entries(llama_server)
     yield
 

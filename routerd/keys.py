@@ -15,5 +15,7 @@ CATALOG: web.AppKey[Any] = web.AppKey("catalog", object)
 STORE: web.AppKey[Any] = web.AppKey("store", object)
 HTTP: web.AppKey[Any] = web.AppKey("http_session", object)
 METRICS: web.AppKey[Any] = web.AppKey("metrics", object)
+# The Discovery object (models other tools downloaded), when discovery is on.
+DISCOVERER: web.AppKey[Any] = web.AppKey("discoverer", object)
 # Ollama stores found on this machine (discovery), served read-only by the store.
 OLLAMA_DIRS: web.AppKey[list[Any]] = web.AppKey("ollama_dirs", list)

@@ -68,6 +68,9 @@ def _swap_config(app: web.Application,
         warnings.simplefilter("ignore", DeprecationWarning)
         app[keys.CONFIG] = new
     scheduler.config = new
+    discoverer = app.get(keys.DISCOVERER)
+    if discoverer is not None:
+        discoverer.config = new  # model_dirs and the source toggles are read at each scan
     catalog.refresh(new)
     scheduler.failures.reset()
     after = {e.name: e for e in catalog.entries()}

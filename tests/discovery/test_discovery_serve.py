@@ -111,3 +111,21 @@ def test_a_deleted_file_answers_404_naming_where_it_was(served: Served) -> None:
     assert err.value.code == 404
     body = json.loads(err.value.read())
     assert str(path) in body["error"], body
+
+
+def test_sighup_applies_discovery_toggles(served: Served) -> None:
+    """Turning a source off in the config and sending SIGHUP drops its models."""
+    import time
+
+    assert any(n.startswith("local/") for n in served.tags())
+    served.daemon.reload({"model_dirs": []})
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(n.startswith("local/") for n in served.tags()):
+        time.sleep(0.1)
+    assert not any(n.startswith("local/") for n in served.tags())
+    served.daemon.reload({"model_dirs": [str(served.home / "mymodels")]})
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not any(n.startswith("local/")
+                                                  for n in served.tags()):
+        time.sleep(0.1)
+    assert any(n.startswith("local/") for n in served.tags())
