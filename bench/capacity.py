@@ -1,0 +1,211 @@
+"""Routing capacity and daemon footprint, against the fake worker (an instant upstream).
+
+routerd here serves 50 configured fake models: `fast` (instant answers), `slow` (one token a
+second, for the open-streams footprint) and 48 never-loaded fillers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import psutil
+
+from . import client, loadgen, procs
+from .results import Row, median, quantile
+
+MiB = 1024 * 1024
+FAST_FLAGS = ("--reply", "Hello from the fake worker, eight tokens.")
+SLOW_FLAGS = ("--tokens", "100000", "--token-delay", "1.0")
+
+
+def fake_config(parallel: int, streams: int) -> dict[str, Any]:
+    models: dict[str, Any] = {
+        "fast": {"backend": "command", "parallel": parallel,
+                 "command": procs.fake_command(*FAST_FLAGS)},
+        "slow": {"backend": "command", "parallel": streams + 16,
+                 "command": procs.fake_command(*SLOW_FLAGS)},
+    }
+    for i in range(48):
+        models[f"filler-{i:02d}"] = {"backend": "command", "command": procs.fake_command()}
+    return {"max_queue": 4 * streams + 64, "keep_alive": "1h", "models": models}
+
+
+@dataclass
+class FakePeers:
+    routerd: procs.Proc
+    direct: procs.Proc  # the same fake worker, started by hand
+
+    def body(self) -> dict[str, Any]:
+        return {"model": "fast", "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 8, "stream": False}
+
+
+def _ollama_body() -> dict[str, Any]:
+    return {"model": "fast", "messages": [{"role": "user", "content": "hi"}], "stream": False,
+            "options": {"num_predict": 8}}
+
+
+def _cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+    return total
+
+
+async def capacity(peers: FakePeers, rounds: int, seconds: float,
+                   connections: int) -> list[Row]:
+    """Alternate: fake worker hit directly, routerd /v1 (bytes relayed), routerd /api/chat
+    (translated). CPU seconds per request of routerd itself, and of the worker behind it."""
+    r, d = peers.routerd, peers.direct
+    cases = _cases(peers)
+    async with client.session() as http:  # load `fast` before timing
+        await client.chat(http, client.Target("routerd", r.base_url, "fast"))
+    worker = procs.worker_pids(r)
+    rps: dict[str, list[float]] = {c[0]: [] for c in cases}
+    lat: dict[str, list[float]] = {c[0]: [] for c in cases}
+    cpu_req: dict[str, list[float]] = {c[0]: [] for c in cases}
+    wcpu_req: dict[str, list[float]] = {c[0]: [] for c in cases}
+    gen_req: dict[str, list[float]] = {c[0]: [] for c in cases}
+    for i in range(rounds):
+        for name, url, body, headers in [*cases[i % 3:], *cases[:i % 3]]:
+            mine = [r.pid] if name.startswith("routerd") else []
+            theirs = worker if name.startswith("routerd") else [d.pid]
+            c0, w0 = _cpu(mine), _cpu(theirs)
+            res = await loadgen.run(url, body, headers, connections=connections,
+                                    seconds=seconds)
+            c1, w1 = _cpu(mine), _cpu(theirs)
+            if res.errors or not res.requests:
+                raise RuntimeError(f"capacity {name}: {res.errors} errors, "
+                                   f"{res.requests} answers")
+            rps[name].append(res.rps)
+            lat[name] += res.latencies
+            n = max(res.requests, 1)
+            cpu_req[name].append((c1 - c0) / n * 1e3)
+            wcpu_req[name].append((w1 - w0) / n * 1e3)
+            gen_req[name].append(res.client_cpu / n * 1e3)
+    return _capacity_rows(rps, lat, cpu_req, wcpu_req, gen_req, connections)
+
+
+def _cases(peers: FakePeers) -> list[tuple[str, str, dict[str, Any], dict[str, str]]]:
+    r, d = peers.routerd, peers.direct
+    return [("direct (fake worker)", d.base_url + "/v1/chat/completions", peers.body(),
+             d.headers),
+            ("routerd", r.base_url + "/v1/chat/completions", peers.body(), {}),
+            ("routerd /api/chat", r.base_url + "/api/chat", _ollama_body(), {})]
+
+
+async def added_latency(peers: FakePeers, rounds: int, seconds: float) -> list[Row]:
+    """One connection, one request at a time: routerd's own added latency, without the
+    model's jitter (median per round, paired against the fake worker hit directly)."""
+    cases = _cases(peers)
+    async with client.session() as http:
+        await client.chat(http, client.Target("routerd", peers.routerd.base_url, "fast"))
+    p50: dict[str, list[float]] = {c[0]: [] for c in cases}
+    for i in range(rounds):
+        for name, url, body, headers in [*cases[i % 3:], *cases[:i % 3]]:
+            res = await loadgen.run(url, body, headers, connections=1, seconds=seconds,
+                                    warmup=0.2)
+            p50[name].append(quantile(res.latencies, 0.5) * 1e3)
+    rows = []
+    direct = p50["direct (fake worker)"]
+    for name, xs in p50.items():
+        row = Row("added latency, instant upstream, 1 connection (p50 per round)", name, "ms",
+                  xs)
+        if name.startswith("routerd"):
+            row.compare(direct, None)
+            row.target = "≤ +1 ms (routerd's own share of the warm-request target)"
+            row.met = (row.vs_direct or 0) <= 1.0
+        rows.append(row)
+    return rows
+
+
+def _capacity_rows(rps: dict[str, list[float]], lat: dict[str, list[float]],
+                   cpu_req: dict[str, list[float]], wcpu_req: dict[str, list[float]],
+                   gen_req: dict[str, list[float]], connections: int) -> list[Row]:
+    direct = rps["direct (fake worker)"]
+    rows = []
+    for name in rps:
+        row = Row(f"routing capacity, instant upstream, {connections} connections", name,
+                  "req/s", rps[name], kind="ratio")
+        row.extra = {"p50_ms": quantile(lat[name], 0.5) * 1e3,
+                     "p99_ms": quantile(lat[name], 0.99) * 1e3,
+                     "worker_cpu_ms_per_req": median(wcpu_req[name]),
+                     "loadgen_cpu_ms_per_req": median(gen_req[name])}
+        if name.startswith("routerd"):
+            cpu = median(cpu_req[name])
+            row.extra["routerd_cpu_ms_per_req"] = cpu
+            row.extra["routerd_ceiling_rps"] = 1e3 / cpu if cpu else 0.0
+            row.target = "≥ 2,000 req/s"
+            row.met = row.median >= 2000
+            row.compare(direct, None)
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------ footprint
+
+
+async def open_streams(peers: FakePeers, count: int, timeout: float = 120) -> Row:
+    """`count` streams open at once through routerd to the slow fake model; routerd's RSS."""
+    r = peers.routerd
+    body = {"model": "slow", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    opened = 0
+    all_open = asyncio.Event()
+    async with client.session() as http:
+        await client.chat(http, client.Target("routerd", r.base_url, "fast"))
+
+        async def one() -> None:
+            nonlocal opened
+            async with http.post(r.base_url + "/v1/chat/completions", json=body) as resp:
+                if resp.status != 200:
+                    raise RuntimeError(f"stream {resp.status}: {await resp.text()}")
+                await resp.content.readline()
+                opened += 1
+                if opened == count:
+                    all_open.set()
+                async for _ in resp.content:
+                    pass
+
+        before = r.rss()
+        tasks = [asyncio.create_task(one()) for _ in range(count)]
+        try:
+            waiter = asyncio.create_task(all_open.wait())
+            done, _ = await asyncio.wait({waiter, *tasks}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if waiter not in done:
+                failed = [t for t in tasks if t.done() and t.exception()]
+                raise RuntimeError(f"only {opened}/{count} streams opened"
+                                   + (f": {failed[0].exception()!r}" if failed else ""))
+            await asyncio.sleep(2.0)  # a couple of tokens through every stream
+            during = r.rss()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    row = Row("daemon RSS", f"routerd, {count} open streams", "MiB", [during / MiB])
+    row.extra = {"before_mib": before / MiB, "per_stream_kib": (during - before) / count / 1024}
+    row.note = f"+{(during - before) / count / 1024:.1f} KiB per open stream"
+    return row
+
+
+def rss_row(peer: str, proc: procs.Proc, note: str = "") -> Row:
+    return Row("daemon RSS", peer, "MiB", [proc.rss() / MiB], note=note)
+
+
+@contextlib.contextmanager
+def fake_peers(workdir: Path, parallel: int, streams: int) -> Iterator[FakePeers]:
+    routerd = direct = None
+    try:
+        routerd = procs.start_routerd(workdir, fake_config(parallel, streams), "routerd-fake")
+        direct = procs.start_fake_worker(workdir, *FAST_FLAGS)
+        yield FakePeers(routerd, direct)
+    finally:
+        for p in (routerd, direct):
+            if p is not None:
+                p.stop()
+
