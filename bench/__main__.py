@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-write", action="store_true", help="only print the table")
     p.add_argument("--only", default=",".join(SCENARIOS), help="comma list of scenarios")
     p.add_argument("--model", type=Path, default=procs.DEFAULT_MODEL)
-    p.add_argument("--warm-rounds", type=int, default=40)
+    p.add_argument("--warm-rounds", type=int, default=60)
     p.add_argument("--stream-rounds", type=int, default=6)
     p.add_argument("--stream-tokens", type=int, default=256)
     p.add_argument("--conc-rounds", type=int, default=3)

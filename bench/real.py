@@ -176,7 +176,20 @@ async def _router_unload_all(peers: RealPeers, http: aiohttp.ClientSession) -> N
     raise TimeoutError("router mode did not unload")
 
 
-async def _by_hand(peers: RealPeers, http: aiohttp.ClientSession) -> float:
+def ready_times(proc: procs.Proc, last: int) -> list[float]:
+    """`load_s` (spawn → /health 200) of routerd's last `last` worker.ready log events."""
+    out = []
+    for line in proc.log_path.read_text(errors="replace").splitlines():
+        if '"worker.ready"' in line:
+            try:
+                out.append(float(json.loads(line)["load_s"]))
+            except (ValueError, KeyError):
+                pass
+    return out[-last:]
+
+
+async def _by_hand(peers: RealPeers, http: aiohttp.ClientSession,
+                   health: list[float]) -> float:
     """Start llama-server with routerd's flags, poll /health every 10 ms, then ask."""
     port, key = procs.free_port(), "bench-hand-key"
     argv = procs.routerd_argv(peers.model, port=port, api_key=key, alias="smol-a")
@@ -196,6 +209,7 @@ async def _by_hand(peers: RealPeers, http: aiohttp.ClientSession) -> float:
             if time.monotonic() > deadline or proc.popen.poll() is not None:
                 raise RuntimeError(f"by-hand llama-server failed: {proc.log_tail()}")
             await asyncio.sleep(0.01)
+        health.append(time.perf_counter() - t0)
         t = Target("by-hand", proc.base_url, "smol-a", headers=tuple(proc.headers.items()))
         await client.chat(http, t, n=8)
         return time.perf_counter() - t0
@@ -205,6 +219,7 @@ async def _by_hand(peers: RealPeers, http: aiohttp.ClientSession) -> float:
 
 async def cold(peers: RealPeers, http: aiohttp.ClientSession, rounds: int) -> list[Row]:
     data: dict[str, list[float]] = {"routerd": [], "router-mode": [], "by hand (poll 10 ms)": []}
+    health: list[float] = []
     for i in range(rounds):
         order = list(data)
         order = order[i % 3:] + order[:i % 3]
@@ -218,7 +233,7 @@ async def cold(peers: RealPeers, http: aiohttp.ClientSession, rounds: int) -> li
                 t = Target("router-mode", peers.router.base_url, "smol-a")
                 data[peer].append(await client.chat(http, t, n=8))
             else:
-                data[peer].append(await _by_hand(peers, http))
+                data[peer].append(await _by_hand(peers, http, health))
     rows = []
     for peer, xs in data.items():
         row = Row("cold: first request, model unloaded (spawn + load + 8 tokens)", peer, "s", xs)
@@ -226,6 +241,8 @@ async def cold(peers: RealPeers, http: aiohttp.ClientSession, rounds: int) -> li
     base, router = data["by hand (poll 10 ms)"], data["router-mode"]
     rows[0].compare(base, router)
     rows[1].compare(base, None)
+    rows[0].extra["spawn_to_ready_s"] = median(ready_times(peers.routerd, rounds))
+    rows[2].extra["spawn_to_ready_s"] = median(health)
     rows[0].target = "≤ router mode's swap; ≤ +50 ms vs by hand"
     rows[0].note = "'vs direct' = vs starting llama-server by hand"
     return rows
