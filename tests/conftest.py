@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MODEL = Path(os.environ.get(
     "ROUTERD_TEST_MODEL",
-    Path.home() / ".cache/routerd/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    Path(os.environ.get("ROUTERD_CACHE", Path.home() / ".cache/routerd"))
+    / "models/SmolLM2-135M-Instruct.Q4_1.gguf"))
 LLAMA_SERVER = BIN / "llama-server"
 FAKE_WORKER = ROOT / "tests/fakes/fake_worker.py"
 MOON = "Who was the first man on the moon?"
