@@ -15,10 +15,16 @@ from pathlib import Path
 import aiohttp
 
 from . import capacity, client, procs, profiling, real, report
-from .results import Row, median
+from .quiet import GATE
+from .results import Row
 
 SCENARIOS = ("converters", "warm", "stream", "concurrency", "swap", "cold", "capacity",
              "footprint")
+
+
+QUICK = {"warm_rounds": 5, "stream_rounds": 2, "stream_tokens": 32, "conc_rounds": 1,
+         "conc_tokens": 8, "clients": "16", "cold_rounds": 2, "swap_rounds": 2,
+         "cap_rounds": 1, "cap_seconds": 1.0, "streams": 50}
 
 
 def ensure_matplotlib() -> None:
@@ -57,17 +63,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--streams", type=int, default=500)
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--busy", type=float, default=0.5, help="wait (bounded) before a round "
+                   "while more than this share of the CPU is busy with other work; 1 = never")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, profiles)")
-    p.add_argument("--routerd-src", type=Path, default=None,
-                   help="run routerd from this source tree (A/B a change)")
+    p.add_argument("--ab", default=None, metavar="SRC[:EXTRA]",
+                   help="also run routerd from this source tree as peer routerd-B (A/B a "
+                        "change; more sys.path entries after ':')")
     p.add_argument("--md", type=Path, default=procs.ROOT / "docs/performance.md")
     p.add_argument("--png", type=Path, default=procs.ROOT / "docs/performance.png")
+    if "--quick" in (sys.argv[1:] if argv is None else argv):
+        p.set_defaults(**QUICK)  # smaller counts, still overridable one by one
     a = p.parse_args(argv)
-    if a.quick:
-        a.warm_rounds, a.stream_rounds, a.stream_tokens = 5, 2, 32
-        a.conc_rounds, a.conc_tokens, a.clients = 1, 8, "16"
-        a.cold_rounds, a.swap_rounds, a.cap_rounds, a.cap_seconds = 2, 2, 1, 1.0
-        a.streams = 50
     a.only = set(a.only.split(","))
     a.write_docs = not a.no_write and (a.write or not a.quick)
     return a
@@ -103,20 +109,23 @@ def converters(run: Run) -> None:
 
 async def real_scenarios(run: Run) -> None:
     a, work = run.args, run.workdir
-    direct = router = routerd = None
+    direct = router = routerd = routerd_b = None
     try:
         direct = procs.start_direct(work, a.model)
         router = procs.start_router_mode(work, a.model, models_max=1)
         routerd = procs.start_routerd(work, procs.real_models_config(a.model))
+        if a.ab:
+            routerd_b = procs.start_routerd(work, procs.real_models_config(a.model),
+                                            "routerd-B", src=a.ab)
         time.sleep(1.0)
         if run.want("footprint"):
             run.add([capacity.rss_row("routerd idle (2 models configured)", routerd),
                      capacity.rss_row("router-mode idle (2 models in dir)", router)])
-        peers = real.RealPeers(direct, router, routerd, work, a.model)
+        peers = real.RealPeers(direct, router, routerd, work, a.model, routerd_b)
         async with client.session() as http:
             await _real_timed(run, peers, http)
     finally:
-        real.stop_all([routerd, router, direct])
+        real.stop_all([routerd, routerd_b, router, direct])
 
 
 async def _real_timed(run: Run, peers: real.RealPeers, http: aiohttp.ClientSession) -> None:
@@ -183,7 +192,7 @@ async def fake_scenarios(run: Run) -> None:
     a = run.args
     if not (run.want("capacity") or run.want("footprint")):
         return
-    with capacity.fake_peers(run.workdir, a.connections, a.streams) as peers:
+    with capacity.fake_peers(run.workdir, a.connections, a.streams, a.ab) as peers:
         time.sleep(1.0)
         if run.want("footprint"):
             run.add([capacity.rss_row("routerd, 50 fake models configured", peers.routerd)])
@@ -228,10 +237,10 @@ def _main(argv: list[str] | None) -> int:
     if not args.model.is_file():
         print(f"model missing: {args.model} (run make install)", file=sys.stderr)
         return 2
-    procs.ROUTERD_SRC = args.routerd_src
     ensure_matplotlib()
     if not args.no_profile:
         ensure_pyspy()
+    GATE.threshold = args.busy
     t0 = time.monotonic()
     machine = report.machine(procs.BIN / "llama-server")
     with tempfile.TemporaryDirectory(prefix="routerd-bench-") as tmp:
@@ -248,7 +257,7 @@ def _main(argv: list[str] | None) -> int:
         run.load.note("end")
     minutes = (time.monotonic() - t0) / 60
     print(f"\n{report.table(run.rows)}\n\nload average: {run.load.summary()}; "
-          f"{minutes:.1f} min", flush=True)
+          f"{GATE.summary()}; {minutes:.1f} min", flush=True)
     if args.write_docs:
         from .document import write
 

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import psutil
 
 from . import client, loadgen, procs
+from .quiet import GATE
 from .results import Row, median, quantile
 
 MiB = 1024 * 1024
@@ -37,6 +38,13 @@ def fake_config(parallel: int, streams: int) -> dict[str, Any]:
 class FakePeers:
     routerd: procs.Proc
     direct: procs.Proc  # the same fake worker, started by hand
+    routerd_b: procs.Proc | None = None
+
+    def routerds(self) -> dict[str, procs.Proc]:
+        out = {"routerd": self.routerd}
+        if self.routerd_b is not None:
+            out["routerd-B"] = self.routerd_b
+        return out
 
     def body(self) -> dict[str, Any]:
         return {"model": "fast", "messages": [{"role": "user", "content": "hi"}],
@@ -57,60 +65,81 @@ def _cpu(pids: list[int]) -> float:
     return total
 
 
+@dataclass(frozen=True)
+class Case:
+    name: str
+    url: str
+    body: dict[str, Any]
+    headers: dict[str, str]
+    daemon: procs.Proc | None  # the routerd in the path (None: the worker hit directly)
+
+
+def _cases(peers: FakePeers) -> list[Case]:
+    d = peers.direct
+    out = [Case("direct (fake worker)", d.base_url + "/v1/chat/completions", peers.body(),
+                d.headers, None)]
+    for name, r in peers.routerds().items():
+        out += [Case(name, r.base_url + "/v1/chat/completions", peers.body(), {}, r),
+                Case(f"{name} /api/chat", r.base_url + "/api/chat", _ollama_body(), {}, r)]
+    return out
+
+
+async def _load_fast(peers: FakePeers) -> dict[int, list[int]]:
+    """Load `fast` in every routerd; their worker pids, by routerd pid."""
+    async with client.session() as http:
+        for r in peers.routerds().values():
+            await client.chat(http, client.Target("routerd", r.base_url, "fast"))
+    out = {r.pid: procs.worker_pids(r) for r in peers.routerds().values()}
+    out[0] = [peers.direct.pid]
+    return out
+
+
 async def capacity(peers: FakePeers, rounds: int, seconds: float,
                    connections: int) -> list[Row]:
     """Alternate: fake worker hit directly, routerd /v1 (bytes relayed), routerd /api/chat
     (translated). CPU seconds per request of routerd itself, and of the worker behind it."""
-    r, d = peers.routerd, peers.direct
     cases = _cases(peers)
-    async with client.session() as http:  # load `fast` before timing
-        await client.chat(http, client.Target("routerd", r.base_url, "fast"))
-    worker = procs.worker_pids(r)
-    rps: dict[str, list[float]] = {c[0]: [] for c in cases}
-    lat: dict[str, list[float]] = {c[0]: [] for c in cases}
-    cpu_req: dict[str, list[float]] = {c[0]: [] for c in cases}
-    wcpu_req: dict[str, list[float]] = {c[0]: [] for c in cases}
-    gen_req: dict[str, list[float]] = {c[0]: [] for c in cases}
+    workers = await _load_fast(peers)
+    names = [c.name for c in cases]
+    rps: dict[str, list[float]] = {n: [] for n in names}
+    lat: dict[str, list[float]] = {n: [] for n in names}
+    cpu_req: dict[str, list[float]] = {n: [] for n in names}
+    wcpu_req: dict[str, list[float]] = {n: [] for n in names}
+    gen_req: dict[str, list[float]] = {n: [] for n in names}
+    k = len(cases)
     for i in range(rounds):
-        for name, url, body, headers in [*cases[i % 3:], *cases[:i % 3]]:
-            mine = [r.pid] if name.startswith("routerd") else []
-            theirs = worker if name.startswith("routerd") else [d.pid]
-            c0, w0 = _cpu(mine), _cpu(theirs)
-            res = await loadgen.run(url, body, headers, connections=connections,
-                                    seconds=seconds)
-            c1, w1 = _cpu(mine), _cpu(theirs)
+        await GATE.wait()
+        for c in [*cases[i % k:], *cases[:i % k]]:
+            mine = [c.daemon.pid] if c.daemon else []
+            theirs = workers[c.daemon.pid if c.daemon else 0]
+            res = await loadgen.run(c.url, c.body, c.headers, connections=connections,
+                                    seconds=seconds, probes={"routerd": lambda: _cpu(mine),
+                                                             "worker": lambda: _cpu(theirs)})
             if res.errors or not res.requests:
-                raise RuntimeError(f"capacity {name}: {res.errors} errors, "
+                raise RuntimeError(f"capacity {c.name}: {res.errors} errors, "
                                    f"{res.requests} answers")
-            rps[name].append(res.rps)
-            lat[name] += res.latencies
+            rps[c.name].append(res.rps)
+            lat[c.name] += res.latencies
             n = max(res.requests, 1)
-            cpu_req[name].append((c1 - c0) / n * 1e3)
-            wcpu_req[name].append((w1 - w0) / n * 1e3)
-            gen_req[name].append(res.client_cpu / n * 1e3)
+            cpu_req[c.name].append(res.probes["routerd"] / n * 1e3)
+            wcpu_req[c.name].append(res.probes["worker"] / n * 1e3)
+            gen_req[c.name].append(res.client_cpu / n * 1e3)
     return _capacity_rows(rps, lat, cpu_req, wcpu_req, gen_req, connections)
-
-
-def _cases(peers: FakePeers) -> list[tuple[str, str, dict[str, Any], dict[str, str]]]:
-    r, d = peers.routerd, peers.direct
-    return [("direct (fake worker)", d.base_url + "/v1/chat/completions", peers.body(),
-             d.headers),
-            ("routerd", r.base_url + "/v1/chat/completions", peers.body(), {}),
-            ("routerd /api/chat", r.base_url + "/api/chat", _ollama_body(), {})]
 
 
 async def added_latency(peers: FakePeers, rounds: int, seconds: float) -> list[Row]:
     """One connection, one request at a time: routerd's own added latency, without the
     model's jitter (median per round, paired against the fake worker hit directly)."""
     cases = _cases(peers)
-    async with client.session() as http:
-        await client.chat(http, client.Target("routerd", peers.routerd.base_url, "fast"))
-    p50: dict[str, list[float]] = {c[0]: [] for c in cases}
+    await _load_fast(peers)
+    p50: dict[str, list[float]] = {c.name: [] for c in cases}
+    k = len(cases)
     for i in range(rounds):
-        for name, url, body, headers in [*cases[i % 3:], *cases[:i % 3]]:
-            res = await loadgen.run(url, body, headers, connections=1, seconds=seconds,
+        await GATE.wait()
+        for c in [*cases[i % k:], *cases[:i % k]]:
+            res = await loadgen.run(c.url, c.body, c.headers, connections=1, seconds=seconds,
                                     warmup=0.2)
-            p50[name].append(quantile(res.latencies, 0.5) * 1e3)
+            p50[c.name].append(quantile(res.latencies, 0.5) * 1e3)
     rows = []
     direct = p50["direct (fake worker)"]
     for name, xs in p50.items():
@@ -198,14 +227,18 @@ def rss_row(peer: str, proc: procs.Proc, note: str = "") -> Row:
 
 
 @contextlib.contextmanager
-def fake_peers(workdir: Path, parallel: int, streams: int) -> Iterator[FakePeers]:
-    routerd = direct = None
+def fake_peers(workdir: Path, parallel: int, streams: int,
+               ab: str | None = None) -> Iterator[FakePeers]:
+    routerd = direct = routerd_b = None
     try:
-        routerd = procs.start_routerd(workdir, fake_config(parallel, streams), "routerd-fake")
+        config = fake_config(parallel, streams)
+        routerd = procs.start_routerd(workdir, config, "routerd-fake")
+        if ab is not None:
+            routerd_b = procs.start_routerd(workdir, config, "routerd-fake-B", src=ab)
         direct = procs.start_fake_worker(workdir, *FAST_FLAGS)
-        yield FakePeers(routerd, direct)
+        yield FakePeers(routerd, direct, routerd_b)
     finally:
-        for p in (routerd, direct):
+        for p in (routerd, routerd_b, direct):
             if p is not None:
                 p.stop()
 

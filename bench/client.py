@@ -99,7 +99,7 @@ async def stream(http: aiohttp.ClientSession, t: Target, *, n: int,
     async with http.post(t.url, data=data, headers=headers) as r:
         if r.status != 200:
             raise RuntimeError(f"{t.peer}: HTTP {r.status}: {(await r.read())[:300]!r}")
-        if r.connection is not None:
+        if r.connection is not None and r.connection.protocol is not None:
             # llama-server closes the connection after a stream yet says keep-alive: never
             # reuse it (the same for every peer).
             r.connection.protocol.force_close()

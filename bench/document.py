@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import profiling, report
+from .quiet import GATE
 from .results import Row, fmt_compare, fmt_value
 
 if TYPE_CHECKING:
@@ -49,7 +50,8 @@ def write(run: Run, machine: report.Machine, minutes: float) -> None:
         "",
         f"- Machine: {machine.line()}",
         f"- Load average (1 min) during the run: {run.load.summary()}. Other engineers' "
-        "test suites shared these cores; the alternation spreads their load over every peer.",
+        "test suites shared these cores; the alternation spreads their load over every peer,"
+        f" and each round first waits (bounded) for a quiet machine: {GATE.summary()}.",
         f"- Run: {minutes:.1f} min; {counts}.",
         "- Model: SmolLM2-135M-Instruct Q4_1 (CPU), same binary and flags for every peer:",
         *[f"  - {n}" for n in run.argv_notes],

@@ -9,7 +9,7 @@ import json
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 
@@ -20,6 +20,7 @@ class LoadResult:
     seconds: float
     latencies: list[float] = field(default_factory=list)  # seconds, per completed request
     client_cpu: float = 0.0  # this process's CPU seconds during the run
+    probes: dict[str, float] = field(default_factory=dict)  # each probe's change, same window
 
     @property
     def rps(self) -> float:
@@ -80,8 +81,11 @@ class _Conn(asyncio.Protocol):
 
 
 async def run(url: str, body: dict[str, Any], headers: dict[str, str], *,
-              connections: int, seconds: float, warmup: float = 0.5) -> LoadResult:
-    """Keep `connections` requests in flight for `seconds` (after a short warm-up)."""
+              connections: int, seconds: float, warmup: float = 0.5,
+              probes: Mapping[str, Callable[[], float]] | None = None) -> LoadResult:
+    """Keep `connections` requests in flight for `seconds` (after a short warm-up).
+    `probes` (e.g. a process's CPU seconds) are read at both ends of the measured window."""
+    probes = probes or {}
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     request = build_request(url, body, headers)
@@ -115,10 +119,12 @@ async def run(url: str, body: dict[str, Any], headers: dict[str, str], *,
     tasks = [asyncio.create_task(worker(c, until)) for c in conns]
     await asyncio.sleep(warmup)
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    before = {k: f() for k, f in probes.items()}
     state["measuring"] = True
     t_measure = time.perf_counter()
     await asyncio.gather(*tasks)
     result.seconds = time.perf_counter() - t_measure
+    result.probes = {k: f() - before[k] for k, f in probes.items()}
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     result.client_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     for c in conns:

@@ -193,21 +193,18 @@ def router_child_args(proc: Proc, model: str) -> list[str]:
     return []
 
 
-# A source tree to run routerd from instead of the installed one (`--routerd-src`): the way
-# to A/B a change to routerd with this same bench.
-ROUTERD_SRC: Path | None = None
-
-
-def routerd_command(config: Path) -> tuple[list[str], dict[str, str] | None]:
-    if ROUTERD_SRC is None:
-        return [str(BIN / "routerd"), "serve", "--config", str(config)], None
+def routerd_command(config: Path, src: str | None) -> list[str]:
+    """`routerd serve`, installed, or from the source tree `src` (`--ab`: A/B a change)."""
+    if src is None:
+        return [str(BIN / "routerd"), "serve", "--config", str(config)]
     # sys.path[0] is the working directory under -c: put the tree in front of it.
-    code = (f"import sys; sys.path.insert(0, {str(ROUTERD_SRC)!r}); "
+    code = (f"import sys; sys.path[:0] = {src!r}.split(':'); "
             "from routerd.cli import main; sys.exit(main(sys.argv[1:]))")
-    return [sys.executable, "-c", code, "serve", "--config", str(config)], None
+    return [sys.executable, "-c", code, "serve", "--config", str(config)]
 
 
-def start_routerd(workdir: Path, config: dict[str, Any], name: str = "routerd") -> Proc:
+def start_routerd(workdir: Path, config: dict[str, Any], name: str = "routerd",
+                  src: str | None = None) -> Proc:
     workdir = workdir / name
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -218,8 +215,7 @@ def start_routerd(workdir: Path, config: dict[str, Any], name: str = "routerd") 
             **config}
     path = workdir / "routerd.yaml"
     path.write_text(yaml.safe_dump(full))
-    argv, env = routerd_command(path)
-    proc = spawn(name, argv, workdir, port, env=env)
+    proc = spawn(name, routerd_command(path, src), workdir, port)
     wait_http(proc, "/", every=0.05)
     return proc
 

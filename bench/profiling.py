@@ -50,25 +50,39 @@ def record(pid: int, out: Path, rate: int = 250) -> Iterator[Path | None]:
 @dataclass(frozen=True)
 class Top:
     samples: int
-    inclusive: list[tuple[str, float]]  # frame, share of samples (routerd and aiohttp frames)
-    leaf: list[tuple[str, float]]  # frame where the CPU was, share of samples
+    packages: list[tuple[str, float]]  # where the CPU was, by package (routerd by module)
+    inclusive: list[tuple[str, float]]  # routerd functions, with what they call
+    leaf: list[tuple[str, float]]  # frame where the CPU was
 
 
-def _frame_name(frame: str) -> str:
+_PACKAGES = ("routerd/", "aiohttp/", "asyncio/", "structlog/", "prometheus_client/", "json/",
+             "yarl/", "multidict/", "psutil/", "uvloop/")
+_OUTER = {"main (routerd/cli.py)", "cmd_serve (routerd/cli.py)", "<module> (routerd)"}
+
+
+def _file_and_name(frame: str) -> tuple[str, str]:
     m = _FRAME.match(frame)
     if not m:
-        return frame
+        return "?", frame
     file = m.group("file")
     for marker in ("site-packages/", "lib/python3.11/", "/work/main/"):
         if marker in file:
             file = file.split(marker, 1)[1]
-    return f"{m.group('func')} ({file})"
+    return file, f"{m.group('func')} ({file})"
+
+
+def _package(file: str) -> str:
+    for p in _PACKAGES:
+        if p in file:
+            return file[file.index(p):] if p == "routerd/" else p.rstrip("/")
+    return file.split("/")[0] or "?"
 
 
 def summarize(raw: Path, n: int = 12) -> Top | None:
     """Top frames from py-spy's raw format (`frame;frame;... count` per line)."""
     if not raw.exists():
         return None
+    pkgs: collections.Counter[str] = collections.Counter()
     incl: collections.Counter[str] = collections.Counter()
     leaf: collections.Counter[str] = collections.Counter()
     total = 0
@@ -78,26 +92,28 @@ def summarize(raw: Path, n: int = 12) -> Top | None:
             continue
         k = int(count)
         total += k
-        frames = [_frame_name(f) for f in stack.split(";")]
-        if frames:
-            leaf[frames[-1]] += k
-        for f in set(frames):
-            if "routerd/" in f or "aiohttp/" in f or "structlog/" in f:
-                incl[f] += k
+        frames = [_file_and_name(f) for f in stack.split(";")]
+        pkgs[_package(frames[-1][0])] += k
+        leaf[frames[-1][1]] += k
+        for name in {name for file, name in frames if "routerd/" in file} - _OUTER:
+            incl[name] += k
     if not total:
         return None
     share = lambda c: [(f, v / total) for f, v in c.most_common(n)]  # noqa: E731
-    return Top(total, share(incl), share(leaf))
+    return Top(total, share(pkgs), share(incl), share(leaf))
 
 
 def markdown(title: str, top: Top | None) -> str:
     if top is None:
         return f"#### {title}\n\nno profile (py-spy missing or not permitted)\n"
     lines = [f"#### {title} ({top.samples} samples)", "",
-             "| inclusive (routerd / aiohttp frames) | share | leaf (where the CPU was) | share |",
-             "|---|---:|---|---:|"]
-    for i in range(max(len(top.inclusive), len(top.leaf))):
-        a = top.inclusive[i] if i < len(top.inclusive) else ("", 0.0)
-        b = top.leaf[i] if i < len(top.leaf) else ("", 0.0)
-        lines.append(f"| `{a[0]}` | {a[1]:.0%} | `{b[0]}` | {b[1]:.0%} |")
+             "| CPU by package (self) | share | routerd function (inclusive) | share "
+             "| hottest frame (self) | share |", "|---|---:|---|---:|---|---:|"]
+    cols = (top.packages, top.inclusive, top.leaf)
+    for i in range(max(len(c) for c in cols)):
+        cells = []
+        for c in cols:
+            name, v = c[i] if i < len(c) else ("", 0.0)
+            cells += [f"`{name}`" if name else "", f"{v:.0%}" if name else ""]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -16,6 +16,7 @@ from typing import Awaitable, Callable, Sequence
 import aiohttp
 
 from . import client, procs
+from .quiet import GATE
 from .client import Target
 from .results import Row, median
 
@@ -29,14 +30,22 @@ class RealPeers:
     routerd: procs.Proc
     workdir: Path
     model: Path
+    routerd_b: procs.Proc | None = None  # `--ab SRC`: routerd from another source tree
+
+    def routerds(self) -> dict[str, procs.Proc]:
+        out = {"routerd": self.routerd}
+        if self.routerd_b is not None:
+            out["routerd-B"] = self.routerd_b
+        return out
 
     def targets(self, model: str = "smol-a", *, ollama: bool = True) -> list[Target]:
         hd = tuple(self.direct.headers.items())
         out = [Target("direct", self.direct.base_url, model, headers=hd),
-               Target("router-mode", self.router.base_url, model),
-               Target("routerd", self.routerd.base_url, model)]
-        if ollama:
-            out.append(Target("routerd /api/chat", self.routerd.base_url, model, "ollama"))
+               Target("router-mode", self.router.base_url, model)]
+        for name, proc in self.routerds().items():
+            out.append(Target(name, proc.base_url, model))
+            if ollama:
+                out.append(Target(f"{name} /api/chat", proc.base_url, model, "ollama"))
         return out
 
 
@@ -48,6 +57,7 @@ async def alternate(rounds: int, targets: Sequence[Target], fn: Measure,
     out: dict[str, list[float]] = {t.peer: [] for t in targets}
     k = len(targets)
     for i in range(rounds):
+        await GATE.wait()
         for t in [*targets[i % k:], *targets[:i % k]]:
             out[t.peer].append(await fn(t))
     return out
@@ -158,10 +168,9 @@ async def _post(http: aiohttp.ClientSession, url: str, body: dict[str, object]) 
         return r.status
 
 
-async def _routerd_unload_all(peers: RealPeers, http: aiohttp.ClientSession) -> None:
+async def _routerd_unload_all(proc: procs.Proc, http: aiohttp.ClientSession) -> None:
     for m in ("smol-a", "smol-b"):
-        await _post(http, peers.routerd.base_url + "/api/generate",
-                    {"model": m, "keep_alive": 0})
+        await _post(http, proc.base_url + "/api/generate", {"model": m, "keep_alive": 0})
 
 
 async def _router_unload_all(peers: RealPeers, http: aiohttp.ClientSession) -> None:
@@ -217,65 +226,75 @@ async def _by_hand(peers: RealPeers, http: aiohttp.ClientSession,
         await asyncio.to_thread(proc.stop)
 
 
+BY_HAND = "by hand (poll 10 ms)"
+
+
 async def cold(peers: RealPeers, http: aiohttp.ClientSession, rounds: int) -> list[Row]:
-    data: dict[str, list[float]] = {"routerd": [], "router-mode": [], "by hand (poll 10 ms)": []}
+    daemons = peers.routerds()
+    data: dict[str, list[float]] = {**{p: [] for p in daemons}, "router-mode": [],
+                                    BY_HAND: []}
     health: list[float] = []
+    k = len(data)
     for i in range(rounds):
+        await GATE.wait()
         order = list(data)
-        order = order[i % 3:] + order[:i % 3]
-        for peer in order:
-            if peer == "routerd":
-                await _routerd_unload_all(peers, http)
-                t = Target("routerd", peers.routerd.base_url, "smol-a")
+        for peer in order[i % k:] + order[:i % k]:
+            if peer in daemons:
+                await _routerd_unload_all(daemons[peer], http)
+                t = Target(peer, daemons[peer].base_url, "smol-a")
                 data[peer].append(await client.chat(http, t, n=8))
             elif peer == "router-mode":
                 await _router_unload_all(peers, http)
-                t = Target("router-mode", peers.router.base_url, "smol-a")
+                t = Target(peer, peers.router.base_url, "smol-a")
                 data[peer].append(await client.chat(http, t, n=8))
             else:
                 data[peer].append(await _by_hand(peers, http, health))
-    rows = []
-    for peer, xs in data.items():
-        row = Row("cold: first request, model unloaded (spawn + load + 8 tokens)", peer, "s", xs)
-        rows.append(row)
-    base, router = data["by hand (poll 10 ms)"], data["router-mode"]
-    rows[0].compare(base, router)
-    rows[1].compare(base, None)
-    rows[0].extra["spawn_to_ready_s"] = median(ready_times(peers.routerd, rounds))
-    rows[2].extra["spawn_to_ready_s"] = median(health)
-    rows[0].target = "≤ router mode's swap; ≤ +50 ms vs by hand"
-    rows[0].note = "'vs direct' = vs starting llama-server by hand"
-    return rows
+    rows = {p: Row("cold: first request, model unloaded (spawn + load + 8 tokens)", p, "s", xs)
+            for p, xs in data.items()}
+    for p, proc in daemons.items():
+        rows[p].compare(data[BY_HAND], data["router-mode"])
+        rows[p].extra["spawn_to_ready_s"] = median(ready_times(proc, rounds))
+        rows[p].target = "≤ router mode's swap; ≤ +50 ms vs by hand"
+        rows[p].note = "'vs direct' = vs starting llama-server by hand"
+    rows["router-mode"].compare(data[BY_HAND], None)
+    rows[BY_HAND].extra["spawn_to_ready_s"] = median(health)
+    return list(rows.values())
 
 
 async def swap(peers: RealPeers, http: aiohttp.ClientSession, rounds: int) -> list[Row]:
     """max_loaded 1 / --models-max 1: every request names the model that is not loaded."""
-    targets = {p: [Target(p, u, m) for m in ("smol-a", "smol-b")] for p, u in
-               (("routerd", peers.routerd.base_url), ("router-mode", peers.router.base_url))}
+    urls = {p: d.base_url for p, d in peers.routerds().items()}
+    urls["router-mode"] = peers.router.base_url
+    targets = {p: [Target(p, u, m) for m in ("smol-a", "smol-b")] for p, u in urls.items()}
     for ts in targets.values():
         await client.chat(http, ts[1], n=8)  # smol-b loaded: the first timed request swaps
     data: dict[str, list[float]] = {p: [] for p in targets}
+    k = len(targets)
     for i in range(rounds):
-        order = list(targets) if i % 2 == 0 else list(reversed(targets))
-        for p in order:
+        await GATE.wait()
+        order = list(targets)
+        for p in order[i % k:] + order[:i % k]:
             data[p].append(await client.chat(http, targets[p][i % 2], n=8))
     rows = [Row("swap under max 1 loaded (evict + load + 8 tokens)", p, "s", xs)
             for p, xs in data.items()]
-    rows[0].compare(None, data["router-mode"])
-    rows[0].target = "≤ router mode"
-    rows[0].met = (rows[0].vs_router or 0) <= 0
+    for r in rows:
+        if r.peer.startswith("routerd"):
+            r.compare(None, data["router-mode"])
+            r.target = "≤ router mode"
+            r.met = (r.vs_router or 0) <= 0
     return rows
 
 
 def finish_cold(rows: list[Row], swap_rows: list[Row]) -> None:
     """The cold target names router mode's swap: judge it once both ran."""
-    routerd = rows[0]
     swap_router = next((r for r in swap_rows if r.peer == "router-mode"), None)
-    by_hand = (routerd.vs_direct or 0) <= 0.050
-    vs_swap = swap_router is None or routerd.median <= swap_router.median
-    routerd.met = by_hand and vs_swap
-    if swap_router is not None:
-        routerd.extra["router_swap_s"] = swap_router.median
+    for r in rows:
+        if not r.peer.startswith("routerd"):
+            continue
+        by_hand = (r.vs_direct or 0) <= 0.050
+        r.met = by_hand and (swap_router is None or r.median <= swap_router.median)
+        if swap_router is not None:
+            r.extra["router_swap_s"] = swap_router.median
 
 
 def stop_all(items: Sequence[procs.Proc | None]) -> None:

@@ -108,7 +108,7 @@ def chart(rows: Sequence[Row], path: Path, title: str) -> bool:
         return False
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
     panels = [
-        (axes[0][0], lambda r: r.unit == "ms", "latency (ms, median)"),
+        (axes[0][0], lambda r: r.unit == "ms", "added latency vs direct (ms, paired median)"),
         (axes[0][1], lambda r: r.unit == "tok/s", "tokens/s, ratio vs direct (paired median)"),
         (axes[1][0], lambda r: r.unit == "s", "seconds (median)"),
         (axes[1][1], lambda r: r.unit == "req/s", "requests/s (median)"),
@@ -118,9 +118,12 @@ def chart(rows: Sequence[Row], path: Path, title: str) -> bool:
         if not sel:
             ax.set_visible(False)
             continue
-        ratio = sel[0].unit == "tok/s"
-        values = [(r.vs_direct if r.vs_direct is not None else 1.0) if ratio else r.median
-                  for r in sel]
+        ratio, added = sel[0].unit == "tok/s", sel[0].unit == "ms"
+        if ratio or added:
+            values = [r.vs_direct if r.vs_direct is not None else (1.0 if ratio else 0.0)
+                      for r in sel]
+        else:
+            values = [r.median for r in sel]
         names = [f"{_short(r.scenario)}\n{r.peer}" for r in sel]
         colors = [_color(r.peer) for r in sel]
         ax.barh(range(len(sel)), values, color=colors)
@@ -132,8 +135,12 @@ def chart(rows: Sequence[Row], path: Path, title: str) -> bool:
             ax.set_xlim(lo - 0.01, max(values + [1.0]) + 0.01)
             for x, style in ((0.99, "--"), (0.98, ":")):
                 ax.axvline(x, color="grey", linestyle=style, linewidth=1)
+        if added:
+            ax.axvline(1.0, color="grey", linestyle="--", linewidth=1)
         for i, v in enumerate(values):
-            ax.text(v, i, f" {v:.3f}" if ratio else f" {v:,.3g}", va="center", fontsize=7)
+            text = f" {v:.3f}" if ratio else f" {v:+.2f}" if added else f" {v:,.3f}" \
+                if v < 10 else f" {v:,.0f}"
+            ax.text(v, i, text, va="center", fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
