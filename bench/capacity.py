@@ -179,37 +179,37 @@ def _capacity_rows(rps: dict[str, list[float]], lat: dict[str, list[float]],
 # ------------------------------------------------------------------ footprint
 
 
-async def open_streams(peers: FakePeers, count: int, timeout: float = 120) -> Row:
-    """`count` streams open at once through routerd to the slow fake model; routerd's RSS."""
+async def open_streams(peers: FakePeers, count: int, batch: int = 50,
+                       timeout: float = 60) -> Row:
+    """`count` streams held open through routerd to the slow fake model (opened `batch` at a
+    time, each batch once the previous one streams); routerd's RSS with all of them open."""
     r = peers.routerd
     body = {"model": "slow", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-    opened = 0
-    all_open = asyncio.Event()
+    loop = asyncio.get_running_loop()
     async with client.session() as http:
         await client.chat(http, client.Target("routerd", r.base_url, "fast"))
 
-        async def one() -> None:
-            nonlocal opened
+        async def one(first: asyncio.Future[None]) -> None:
             async with http.post(r.base_url + "/v1/chat/completions", json=body) as resp:
                 if resp.status != 200:
                     raise RuntimeError(f"stream {resp.status}: {await resp.text()}")
                 await resp.content.readline()
-                opened += 1
-                if opened == count:
-                    all_open.set()
+                first.set_result(None)
                 async for _ in resp.content:
                     pass
 
         before = r.rss()
-        tasks = [asyncio.create_task(one()) for _ in range(count)]
+        tasks: list[asyncio.Task[None]] = []
         try:
-            waiter = asyncio.create_task(all_open.wait())
-            done, _ = await asyncio.wait({waiter, *tasks}, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if waiter not in done:
-                failed = [t for t in tasks if t.done() and t.exception()]
-                raise RuntimeError(f"only {opened}/{count} streams opened"
-                                   + (f": {failed[0].exception()!r}" if failed else ""))
+            for start in range(0, count, batch):
+                firsts = [loop.create_future() for _ in range(min(batch, count - start))]
+                tasks += [asyncio.create_task(one(f)) for f in firsts]
+                _, pending = await asyncio.wait(firsts, timeout=timeout)
+                broken = [t for t in tasks if t.done()]
+                if pending or broken:
+                    why = next((repr(t.exception()) for t in broken if t.exception()), "")
+                    raise RuntimeError(f"{len(tasks) - len(pending) - len(broken)} of "
+                                       f"{count} streams open, then: {why or 'timeout'}")
             await asyncio.sleep(2.0)  # a couple of tokens through every stream
             during = r.rss()
         finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import subprocess
 import time
 from dataclasses import dataclass
@@ -49,16 +50,23 @@ class RealPeers:
         return out
 
 
-async def alternate(rounds: int, targets: Sequence[Target], fn: Measure,
-                    warmup: int = 1) -> dict[str, list[float]]:
+async def alternate(rounds: int, targets: Sequence[Target], fn: Measure, warmup: int = 1,
+                    prime: Measure | None = None) -> dict[str, list[float]]:
+    """Every round runs each peer once, in a fresh random order (seeded): a fixed cycle
+    would always put the same peer after the same other process and bias it (caches).
+    `prime`, when given, runs untimed just before each timed call to the same peer."""
     for _ in range(warmup):
         for t in targets:
             await fn(t)
     out: dict[str, list[float]] = {t.peer: [] for t in targets}
-    k = len(targets)
-    for i in range(rounds):
+    rng = random.Random(len(targets) * 1000 + rounds)
+    for _ in range(rounds):
         await GATE.wait()
-        for t in [*targets[i % k:], *targets[:i % k]]:
+        order = list(targets)
+        rng.shuffle(order)
+        for t in order:
+            if prime is not None:
+                await prime(t)
             out[t.peer].append(await fn(t))
     return out
 
@@ -75,7 +83,12 @@ def _vs(rows: list[Row], data: dict[str, list[float]]) -> list[Row]:
 
 async def warm(peers: RealPeers, http: aiohttp.ClientSession, rounds: int) -> list[Row]:
     targets = peers.targets()
-    data = await alternate(rounds, targets, lambda t: client.chat(http, t, n=8), warmup=3)
+    def ask(t: Target) -> Awaitable[float]:
+        return client.chat(http, t, n=8)
+
+    # Primed: each timed request follows an untimed one to the same peer, so it never pays
+    # for caches another server process just evicted.
+    data = await alternate(rounds, targets, ask, warmup=3, prime=ask)
     rows = []
     for t in targets:
         ms = [x * 1e3 for x in data[t.peer]]
@@ -97,15 +110,24 @@ async def streaming(peers: RealPeers, http: aiohttp.ClientSession, rounds: int,
                     tokens: int) -> list[Row]:
     targets = peers.targets()
     stats: dict[str, list[client.StreamStats]] = {t.peer: [] for t in targets}
+    cpu_us: dict[str, list[float]] = {t.peer: [] for t in targets}  # routerd CPU per token
+    daemons = peers.routerds()
 
     async def one(t: Target) -> float:
+        proc = daemons.get(t.peer.split(" ")[0])
+        c0 = proc.cpu_seconds() if proc else 0.0
         s = await client.stream(http, t, n=tokens)
+        if proc:
+            cpu_us[t.peer].append((proc.cpu_seconds() - c0) / s.tokens * 1e6)
         stats[t.peer].append(s)
         return s.tokens_per_s
 
-    await alternate(rounds, targets, one, warmup=1)
+    def prime(t: Target) -> Awaitable[float]:  # TTFT must not pay for another process's run
+        return client.chat(http, t, n=1)
+
+    await alternate(rounds, targets, one, warmup=1, prime=prime)
     for t in targets:
-        del stats[t.peer][0]  # the warm-up
+        del stats[t.peer][0], cpu_us[t.peer][:1]  # the warm-up
     rate = {p: [s.tokens_per_s for s in v] for p, v in stats.items()}
     ttft = {p: [s.ttft * 1e3 for s in v] for p, v in stats.items()}
     rows: list[Row] = []
@@ -114,6 +136,8 @@ async def streaming(peers: RealPeers, http: aiohttp.ClientSession, rounds: int,
         r1 = Row(f"stream {tokens} tokens: rate", t.peer, "tok/s", rate[t.peer], kind="ratio",
                  note=f"{n:.0f} tokens/stream")
         r2 = Row("stream: time to first token", t.peer, "ms", ttft[t.peer])
+        if cpu_us[t.peer]:
+            r1.extra["routerd_cpu_us_per_token"] = median(cpu_us[t.peer])
         if t.peer.startswith("routerd"):
             r1.target, r2.target = "≥ ×0.99 of direct", "≤ +1 ms vs direct"
         rows += [r1, r2]

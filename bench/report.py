@@ -78,6 +78,8 @@ def _extra(row: Row) -> str:
     if "worker_cpu_ms_per_req" in e:
         parts.append(f"worker CPU {e['worker_cpu_ms_per_req']:.3f} ms/req, load generator "
                      f"{e['loadgen_cpu_ms_per_req']:.3f} ms/req")
+    if "routerd_cpu_us_per_token" in e:
+        parts.append(f"routerd CPU {e['routerd_cpu_us_per_token']:.0f} µs/token")
     if "spawn_to_ready_s" in e:
         parts.append(f"spawn → /health 200: {e['spawn_to_ready_s']:.3f} s")
     if "router_swap_s" in e:
