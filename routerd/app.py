@@ -48,9 +48,12 @@ async def http_context(app: web.Application) -> AsyncIterator[None]:
     """One pooled client session for every worker; no per-request setup."""
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-    app[keys.HTTP] = session
+    fresh = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True),
+                                  auto_decompress=False)
+    app[keys.HTTP], app[keys.HTTP_FRESH] = session, fresh
     yield
     await session.close()
+    await fresh.close()
 
 
 async def scheduler_context(app: web.Application) -> AsyncIterator[None]:

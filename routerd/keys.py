@@ -14,6 +14,8 @@ SCHEDULER: web.AppKey[Any] = web.AppKey("scheduler", object)
 CATALOG: web.AppKey[Any] = web.AppKey("catalog", object)
 STORE: web.AppKey[Any] = web.AppKey("store", object)
 HTTP: web.AppKey[Any] = web.AppKey("http_session", object)
+# A session that never reuses a connection: the retry after a stale pooled one failed.
+HTTP_FRESH: web.AppKey[Any] = web.AppKey("http_session_fresh", object)
 METRICS: web.AppKey[Any] = web.AppKey("metrics", object)
 # The Discovery object (models other tools downloaded), when discovery is on.
 DISCOVERER: web.AppKey[Any] = web.AppKey("discoverer", object)

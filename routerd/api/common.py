@@ -121,7 +121,7 @@ async def engine_call(request: web.Request, name: str, path: str, *, body: bytes
     is killed). An engine error status becomes an UpstreamError (5xx) or passes its status
     through (4xx)."""
     app = request.app
-    scheduler, session = app[keys.SCHEDULER], app[keys.HTTP]
+    scheduler = app[keys.SCHEDULER]
     idle = app[keys.CONFIG].timeouts.request_idle
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=idle)
     started = time.monotonic()
@@ -135,6 +135,10 @@ async def engine_call(request: web.Request, name: str, path: str, *, body: bytes
             if body is not None:
                 headers["Content-Type"] = content_type
             first = b""
+            # The engine may close a pooled keep-alive connection just as it is reused
+            # (llama-server's HTTP library caps requests per connection): the retry goes on
+            # a new connection.
+            session = app[keys.HTTP] if attempt == 1 else app[keys.HTTP_FRESH]
             try:
                 resp = await stack.enter_async_context(session.request(
                     method, worker.base_url + path, data=body, headers=headers, params=query,
@@ -151,7 +155,7 @@ async def engine_call(request: web.Request, name: str, path: str, *, body: bytes
                 if attempt == 2:
                     raise UpstreamError(f"engine for {name!r} failed: {e}") from None
                 with contextlib.suppress(asyncio.TimeoutError):  # a dying engine is reaped in ms
-                    await asyncio.wait_for(worker.exited(), 0.5)
+                    await asyncio.wait_for(worker.exited(), 0.1)
                 log.warning("request.retry", model=name, error=str(e) or type(e).__name__,
                             engine_exited=not worker.alive)
                 continue
