@@ -46,7 +46,9 @@ async def discovery_context(app: web.Application) -> AsyncIterator[None]:
 
 async def http_context(app: web.Application) -> AsyncIterator[None]:
     """One pooled client session for every worker; no per-request setup."""
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
+    # llama-server (cpp-httplib) closes a keep-alive connection idle for 5 s: drop ours at 4 s
+    # so a request never goes out on a connection the engine is closing.
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4, enable_cleanup_closed=True)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     fresh = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True),
                                   auto_decompress=False)
