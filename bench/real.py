@@ -122,8 +122,10 @@ async def streaming(peers: RealPeers, http: aiohttp.ClientSession, rounds: int,
         stats[t.peer].append(s)
         return s.tokens_per_s
 
-    def prime(t: Target) -> Awaitable[float]:  # TTFT must not pay for another process's run
-        return client.chat(http, t, n=1)
+    def prime(t: Target) -> Awaitable[float]:
+        # TTFT must not pay for another process's run (caches) nor for a prompt another
+        # request just pushed out of the slot: prime with the same prompt.
+        return client.chat(http, t, n=1, prompt=client.LONG_PROMPT)
 
     await alternate(rounds, targets, one, warmup=1, prime=prime)
     for t in targets:
