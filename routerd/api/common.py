@@ -144,6 +144,10 @@ async def engine_call(request: web.Request, name: str, path: str, *, body: bytes
                     method, worker.base_url + path, data=body, headers=headers, params=query,
                     timeout=timeout))
                 if resp.status < 400 and resp.content_type == "text/event-stream":
+                    # llama-server closes the connection after every streamed answer while
+                    # advertising keep-alive: never put this one back in the pool.
+                    if resp.connection is not None and resp.connection.protocol is not None:
+                        resp.connection.protocol.force_close()
                     # Nothing has reached the client yet: a stream broken now is retried too.
                     first = await resp.content.readany()
                     if not first:

@@ -68,6 +68,7 @@ class Scheduler:
         self._loading: dict[str, asyncio.Task[Runner]] = {}
         self._load_lock = asyncio.Lock()
         self._changed = asyncio.Condition()
+        self._room_waiters = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self.waiting = 0
         self.closing = False
@@ -124,7 +125,8 @@ class Scheduler:
         if runner.refs == 0 and self.runners.get(runner.name) is runner:
             self._arm_expiry(runner)
             self._remeasure(runner)
-        self._spawn(self._notify())
+        if self._room_waiters:  # no task per request unless a load waits for room
+            self._spawn(self._notify())
 
     def _remeasure(self, runner: Runner) -> None:
         """Workers grow as their context fills: re-measure when idle, at most every 5 s."""
@@ -158,6 +160,15 @@ class Scheduler:
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
+
+    async def _wait_changed(self, timeout: float) -> None:
+        self._room_waiters += 1
+        try:
+            async with self._changed:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), timeout)
+        finally:
+            self._room_waiters -= 1
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -242,9 +253,7 @@ class Scheduler:
     async def _replace(self, runner: Runner) -> None:
         deadline = time.monotonic() + self.config.timeouts.load
         while runner.refs and time.monotonic() < deadline:
-            async with self._changed:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), 1.0)
+            await self._wait_changed(1.0)
         await self._unload(runner, reason="load-options-changed")
 
     def _idle_runners(self) -> list[Runner]:
@@ -267,9 +276,7 @@ class Scheduler:
                 raise ModelTooLarge(
                     f"model {entry.name!r} cannot be loaded now: busy models hold the memory "
                     f"({policy.refusal_message(need, budget)}); retry later")
-            async with self._changed:  # a release or an unload may make room
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), min(left, 1.0))
+            await self._wait_changed(min(left, 1.0))  # a release or an unload may make room
 
     async def _evict(self, runners: list[Runner], *, reason: str) -> None:
         for r in runners:

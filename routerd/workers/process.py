@@ -204,7 +204,7 @@ class Worker:
                                       f"{timeout:.0f}s; last output: {self.stderr_tail(5)}")
             # Wait on the process exit, not a blind sleep: a crash is seen at once.
             await asyncio.wait({self._exited}, timeout=min(delay, left))
-            delay = min(delay * 2, 0.05)
+            delay = min(delay * 2, 0.01)
 
     async def stop(self, *, drain: float = 30.0, kill_after: float = 10.0) -> None:
         """Drain in-flight requests (bounded), SIGTERM the group, SIGKILL after a timeout."""
