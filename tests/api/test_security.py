@@ -204,8 +204,8 @@ async def test_auth_paths(make_client: Any) -> None:
 async def test_real_clients_send_bearer(make_client: Any, keys_file: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """What the ollama and openai Python clients send is what the auth middleware reads."""
-    ollama = pytest.importorskip("ollama")
-    openai = pytest.importorskip("openai")
+    import ollama
+    import openai
     client = await make_client(auth=AuthConfig(str(keys_file), exempt_loopback=False))
     base = f"http://{client.host}:{client.port}"
     monkeypatch.setenv("OLLAMA_API_KEY", "plain-key-1")
@@ -475,8 +475,7 @@ def make_cert(directory: Path, name: str) -> tuple[Path, Path]:
 
 @pytest.fixture
 def cert_pair(tmp_path: Path) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
+    assert shutil.which("openssl"), "openssl missing (Debian's openssl package)"
     return make_cert(tmp_path, "server")
 
 

@@ -34,8 +34,13 @@ MOON = [{"role": "user", "content": "Who was the first man on the moon?"}]
 
 HAVE_ENGINE = importlib.util.find_spec("llama_cpp") is not None and MODEL.is_file()
 engine = pytest.mark.engine
-needs_model = pytest.mark.skipif(not HAVE_ENGINE,
-                                 reason="needs llama_cpp and the SmolLM2 model (make install)")
+# `make test` builds llama_cpp and fetches the model: missing them is a failure, not a skip.
+needs_model = pytest.mark.usefixtures("engine_installed")
+
+
+@pytest.fixture
+def engine_installed() -> None:
+    assert HAVE_ENGINE, "llama_cpp or the SmolLM2 model missing: run `make install`"
 
 
 def free_port() -> int:

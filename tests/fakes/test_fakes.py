@@ -334,8 +334,7 @@ def llama_server_binary() -> Path | None:
 @pytest.mark.engine
 async def test_llamafile_serves_the_real_model(tmp_path: Path) -> None:
     server = llama_server_binary()
-    if server is None or not MODEL.exists():
-        pytest.skip("needs llama-server and the test model (make install)")
+    assert server is not None and MODEL.exists(), "run `make install` (llama-server, model)"
     dest = build_llamafile(MODEL, tmp_path / "smol.llamafile", llama_server=server)
     port = free_port()
     argv = ["sh", str(dest), "--server", "--nobrowser", "--host", "127.0.0.1",
