@@ -29,7 +29,13 @@ from routerd.store.gguf import (
 MODEL = Path(os.environ.get(
     "ROUTERD_TEST_MODEL", "~/.cache/routerd/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 )).expanduser()
-needs_model = pytest.mark.skipif(not MODEL.exists(), reason=f"{MODEL} not present")
+# `make test` fetches the model: missing it is a failure, not a skip.
+needs_model = pytest.mark.usefixtures("model_present")
+
+
+@pytest.fixture
+def model_present() -> None:
+    assert MODEL.exists(), f"{MODEL} missing: run `make install`"
 
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.content }}{% endfor %}"
 
