@@ -35,7 +35,9 @@ system-deps:
 test: install system-deps
 	$(VENV)/bin/pytest -q
 
+# The bench extra (matplotlib for the chart, py-spy for the profile) is installed here only.
 bench: install
+	@$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m bench
 
 clean:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,19 +26,16 @@ QUICK = {"warm_rounds": 5, "stream_rounds": 2, "stream_tokens": 32, "conc_rounds
          "cap_rounds": 1, "cap_seconds": 1.0, "streams": 50}
 
 
-def ensure_matplotlib() -> None:
-    """The chart needs matplotlib; install it into this venv when missing."""
+def missing_tools(profile: bool) -> list[str]:
+    """What `make bench` installs (pyproject's `bench` extra) and this venv lacks."""
+    missing = []
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        print("[bench] installing matplotlib into the venv", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "matplotlib"], check=False)
-
-
-def ensure_pyspy() -> None:
-    if profiling.pyspy_path() is None:
-        print("[bench] installing py-spy into the venv", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=False)
+        missing.append("matplotlib (the chart)")
+    if profile and profiling.pyspy_path() is None:
+        missing.append("py-spy (the profile; or pass --no-profile)")
+    return missing
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,9 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(SCENARIOS), help="comma list of scenarios")
     p.add_argument("--model", type=Path, default=procs.DEFAULT_MODEL)
     p.add_argument("--warm-rounds", type=int, default=60)
-    p.add_argument("--stream-rounds", type=int, default=6)
+    p.add_argument("--stream-rounds", type=int, default=12)
     p.add_argument("--stream-tokens", type=int, default=256)
-    p.add_argument("--conc-rounds", type=int, default=3)
+    p.add_argument("--conc-rounds", type=int, default=4)
     p.add_argument("--conc-tokens", type=int, default=32)
     p.add_argument("--clients", default="16,64")
     p.add_argument("--cold-rounds", type=int, default=8)
@@ -241,9 +237,11 @@ def _main(argv: list[str] | None) -> int:
     if not args.model.is_file():
         print(f"model missing: {args.model} (run make install)", file=sys.stderr)
         return 2
-    ensure_matplotlib()
-    if not args.no_profile:
-        ensure_pyspy()
+    missing = missing_tools(not args.no_profile)
+    if missing and args.write_docs:
+        print("missing: " + ", ".join(missing) + " — run `make bench`, which installs "
+              "pyproject's bench extra (pip install -e '.[bench]')", file=sys.stderr)
+        return 2
     GATE.threshold = args.busy
     t0 = time.monotonic()
     machine = report.machine(procs.BIN / "llama-server")

@@ -60,7 +60,7 @@ class Metrics:
         self.state = Gauge("routerd_worker_state", "1 for the worker's current state, else 0",
                            ["model", "state"], registry=r)
         self._models: set[str] = set()
-        self._series: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
+        self._series: dict[str, dict[tuple[Any, tuple[str, ...]], Any]] = {}
         self._states: dict[str, str] = {}
 
     # ------------------------------------------------------------ label bookkeeping
@@ -75,9 +75,15 @@ class Metrics:
         return model
 
     def _child(self, metric: Any, model: str, *values: str) -> Any:
-        """metric.labels(*values), remembering the series under `model` for `forget`."""
-        self._series.setdefault(model, set()).add((metric, values))
-        return metric.labels(*values)
+        """metric.labels(*values), remembered under `model` (for `forget`) and cached: the
+        request path asks for the same few children on every request."""
+        series = self._series.get(model)
+        if series is None:
+            series = self._series[model] = {}
+        child = series.get((metric, values))
+        if child is None:
+            child = series[(metric, values)] = metric.labels(*values)
+        return child
 
     # ------------------------------------------------------------ recording
 
@@ -129,7 +135,7 @@ class Metrics:
 
     def forget(self, model: str) -> None:
         """Drop every series of a model that is gone (removed, deleted)."""
-        for metric, values in self._series.pop(model, set()):
+        for metric, values in self._series.pop(model, {}):
             metric.remove(*values)
         self._states.pop(model, None)
         self._models.discard(model)

@@ -64,10 +64,11 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     made: list[Daemon] = []
 
     def start(models: dict[str, Any], *, timeouts: dict[str, str] | None = None,
-              port: int | None = None, **extra: Any) -> Daemon:
+              port: int | None = None, env: dict[str, str] | None = None,
+              **extra: Any) -> Daemon:
         config = {"keep_alive": "10m", "timeouts": {**FAST, **(timeouts or {})},
                   "models": models, **extra}
-        d = Daemon(config, tmp_path / f"daemon{len(made)}", port=port)
+        d = Daemon(config, tmp_path / f"daemon{len(made)}", port=port, env=env)
         made.append(d)
         return d
 

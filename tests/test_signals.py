@@ -62,7 +62,10 @@ async def test_daemon_sigkill_leaves_no_worker(daemons: Callable[..., Daemon],
     assert d.proc.wait(5) == -signal.SIGKILL
     # a new daemon on the same port serves at once
     d2 = daemons({"fake": fake_model()}, port=d.port)
-    events = await full_stream(http, d2, "ollama-chat", "fake")
+    # A new client connection: `http` may still pool one to the killed daemon on this port
+    # whose close it has not read yet (the daemon start above blocks this loop).
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as fresh:
+        events = await full_stream(fresh, d2, "ollama-chat", "fake")
     assert is_final("ollama-chat", events[-1])
     report("daemon-sigkill new-daemon-serving", seconds=time.monotonic() - t0)
 
@@ -120,6 +123,24 @@ async def test_stop_signal_drains_then_exits_0(daemons: Callable[..., Daemon],
     exited = time.monotonic() - t0
     assert pid_gone(pid)
     report(f"{sig.name} drain", stream_done_s=drained, daemon_exit_s=exited)
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_serves_and_stops_on_either_event_loop(daemons: Callable[..., Daemon],
+                                                     http: aiohttp.ClientSession,
+                                                     loop: str) -> None:
+    """uvloop by default (a dependency); ROUTERD_LOOP=asyncio gives the standard loop. Either
+    spawns and supervises workers (preexec_fn, pass_fds, the exit watcher) and streams."""
+    env = {"ROUTERD_LOOP": "asyncio"} if loop == "asyncio" else {"ROUTERD_LOOP": ""}
+    d = daemons({"fake": fake_model("--tokens", "5")}, env=env)
+    events = await full_stream(http, d, "openai", "fake")
+    assert is_final("openai", events[-1]) and not any(map(is_error, events)), events
+    pid = await pid_of(http, d, "fake")
+    d.proc.send_signal(signal.SIGTERM)
+    assert await wait_exit(d, 20) == 0, d.log()
+    assert pid_gone(pid)
+    listening = log_events(d, "routerd.listening")
+    assert listening and listening[0]["loop"] == loop, d.log()[-2000:]
 
 
 async def test_drain_deadline_ends_streams_in_band(daemons: Callable[..., Daemon],

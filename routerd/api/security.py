@@ -30,6 +30,7 @@ the route's dialect. Decisions worth knowing:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -231,6 +232,7 @@ def _make_host_check(config: Config) -> Middleware | None:
     hostname = socket.gethostname().lower().rstrip(".")
     local_names = {hostname, hostname.split(".", 1)[0]}
 
+    @functools.lru_cache(maxsize=256)  # clients send the same few Host values
     def allowed_host(header: str | None) -> bool:
         if not header:
             return True

@@ -90,10 +90,12 @@ async def relay_sse(request: web.Request, call: EngineCall) -> web.StreamRespons
     resp = web.StreamResponse(status=call.resp.status, headers=_SSE_HEADERS)
     await resp.prepare(request)
     tail = call.first
+    worker = call.runner.worker
     try:
         if call.first:
             await resp.write(call.first)
         async for chunk in call.resp.content.iter_any():
+            worker.progress += 1
             await resp.write(chunk)
             tail = _keep_tail(tail, chunk)
         if not ended_well(tail):
@@ -125,7 +127,9 @@ async def relay_translated(request: web.Request, call: EngineCall, stream: Any,
     try:
         done = await _translate(resp, decoder, stream, encode, call.first)
         if not done:
+            worker = call.runner.worker
             async for chunk in call.resp.content.iter_any():
+                worker.progress += 1
                 if await _translate(resp, decoder, stream, encode, chunk):
                     done = True
                     break

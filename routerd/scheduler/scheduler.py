@@ -79,8 +79,19 @@ class Scheduler:
     @contextlib.asynccontextmanager
     async def lease(self, name: str, *, keep_alive: float | None = None,
                     entry: ModelEntry | None = None) -> AsyncIterator[Runner]:
-        """A ready worker for `name`. `entry` overrides the catalog's (load options such as
-        Ollama's num_ctx); a loaded worker with other load options is reloaded when idle."""
+        """A ready worker for `name`, held for the block (acquire ... release)."""
+        runner = await self.acquire(name, keep_alive=keep_alive, entry=entry)
+        try:
+            yield runner
+        finally:
+            self.release(runner, keep_alive)
+
+    async def acquire(self, name: str, *, keep_alive: float | None = None,
+                      entry: ModelEntry | None = None) -> Runner:
+        """A ready worker for `name` with one of its slots taken; every acquire is paired with
+        one `release`. `entry` overrides the catalog's (load options such as Ollama's
+        num_ctx); a loaded worker with other load options is reloaded when idle. The request
+        path calls this pair directly: no context-manager machinery per request."""
         if self.closing:
             raise ShuttingDown("routerd is shutting down")
         entry = entry or self.catalog.resolve(name)
@@ -103,12 +114,14 @@ class Scheduler:
             raise
         finally:
             self._set_waiting(-1)
-        try:
-            with runner.worker.track():
-                yield runner
-        finally:
-            runner.slots.release()
-            self._release(runner, keep_alive)
+        runner.worker.begin()
+        return runner
+
+    def release(self, runner: Runner, keep_alive: float | None = None) -> None:
+        """Give back what `acquire` took."""
+        runner.worker.end()
+        runner.slots.release()
+        self._release(runner, keep_alive)
 
     def _set_waiting(self, delta: int) -> None:
         self.waiting += delta

@@ -113,7 +113,12 @@ def load_in_background(scheduler: Scheduler, name: str,
 
 
 class Prober:
-    """Liveness after ready: GET /health on an interval; no answer in time → kill."""
+    """Liveness after ready: GET /health on an interval; no answer in time → kill.
+
+    Unless the worker relayed output while its probe was out: an engine streaming tokens is
+    alive, however late its /health answer (a single-threaded engine busy opening hundreds
+    of streams missed one probe in the bench, and killing it cut 459 live streams). A hung
+    engine sends nothing, so it is still killed on its first missed probe."""
 
     def __init__(self, scheduler: Scheduler, session: aiohttp.ClientSession, *,
                  interval: float, timeout: float) -> None:
@@ -137,7 +142,13 @@ class Prober:
                 await asyncio.gather(*(self._probe(r) for r in runners))
 
     async def _probe(self, runner: Runner) -> None:
+        worker = runner.worker
+        before = worker.progress
         reason = await self.check(runner)
+        if reason and worker.progress != before:
+            log.warning("worker.probe_missed", model=runner.name, pid=worker.pid, reason=reason,
+                        inflight=worker.inflight, note="output flowed meanwhile: not killed")
+            return
         if reason:
             await self.scheduler.kill_hung(runner, reason)
 

@@ -8,8 +8,10 @@ Why not ``gguf.GGUFReader``: it builds one numpy view per array element (SmolLM2
 always maps the file from byte 0, so it cannot read the GGUF stored inside a
 llamafile's ZIP.  Its ``__init__`` does all the parsing in one body, so a subclass
 would have to copy it anyway.  This module walks the same layout with ``struct``
-over an ``mmap`` and takes every constant (magic, value types, quant block sizes,
-file types) from the ``gguf`` package; the tests compare it against GGUFReader.
+over an ``mmap`` and takes the quant block sizes and file-type names from the ``gguf``
+package; the tests compare it against GGUFReader.  ``gguf`` (and numpy under it, about 13
+MiB and 80 ms) is imported on the first tensor table read, not when routerd starts; the
+magic, alignment and value-type numbers are the file format's own (GGUF spec).
 """
 
 from __future__ import annotations
@@ -23,9 +25,51 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC
-from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
+import functools
+from enum import IntEnum
+
+
+class GGUFValueType(IntEnum):
+    """Metadata value types, numbered as the GGUF spec numbers them (gguf.GGUFValueType)."""
+
+    UINT8 = 0
+    INT8 = 1
+    UINT16 = 2
+    INT16 = 3
+    UINT32 = 4
+    INT32 = 5
+    FLOAT32 = 6
+    BOOL = 7
+    STRING = 8
+    ARRAY = 9
+    UINT64 = 10
+    INT64 = 11
+    FLOAT64 = 12
+
+
+GGUF_MAGIC = 0x46554747  # b"GGUF" little-endian
+GGUF_DEFAULT_ALIGNMENT = 32
+
+
+@functools.cache
+def _lib() -> Any:
+    """The gguf package, imported on first use (it pulls in numpy)."""
+    import gguf
+
+    return gguf
+
+
+def _float32(x: float) -> float:
+    """The shortest decimal that reads back as the same float32, as Ollama's JSON shows it
+    (1e-05, not 9.999999747378752e-06)."""
+    for digits in range(1, 10):
+        short = float(f"{x:.{digits}g}")
+        try:
+            if struct.unpack("<f", struct.pack("<f", short))[0] == x:
+                return short
+        except OverflowError:  # rounded past the largest float32 (3.4028235e38)
+            continue
+    return x
 
 # Arrays longer than this are not materialised: metadata shows them as None, the
 # way Ollama's /api/show model_info shows tokenizer.ggml.tokens unless verbose.
@@ -124,7 +168,7 @@ class _Header:
             return self.string(), None
         code = _SCALARS.get(vtype)
         if code == "f":  # shortest float32 repr, as Ollama's JSON shows it: 1e-05
-            return float(str(np.float32(self.scalar(code)))), None
+            return _float32(self.scalar(code)), None
         if code is not None:
             return self.scalar(code), None
         if vtype != GGUFValueType.ARRAY:
@@ -223,8 +267,9 @@ def _tensor_info(h: _Header) -> tuple[TensorInfo, int]:
         n_elements *= h.scalar("Q")
     raw_type, data_offset = h.scalar("I"), h.scalar("Q")
     try:
-        qtype = GGMLQuantizationType(raw_type)
-        block, type_size = GGML_QUANT_SIZES[qtype]
+        lib = _lib()
+        qtype = lib.GGMLQuantizationType(raw_type)
+        block, type_size = lib.GGML_QUANT_SIZES[qtype]
     except (ValueError, KeyError):
         raise GGUFError(f"tensor {name!r} has unknown ggml type {raw_type}") from None
     return TensorInfo(name, n_elements * type_size // block, qtype.name, n_elements), data_offset
@@ -296,7 +341,8 @@ def _placement(tensors: tuple[TensorInfo, ...], n_layer: int) -> tuple[tuple[int
 def _quant_name(file_type: int | None, tensors: tuple[TensorInfo, ...]) -> str:
     if file_type is not None:
         try:
-            name = LlamaFileType(file_type & ~LlamaFileType.GUESSED).name
+            ftype = _lib().LlamaFileType
+            name = ftype(file_type & ~ftype.GUESSED).name
             return name.removeprefix("MOSTLY_").removeprefix("ALL_")
         except ValueError:
             pass

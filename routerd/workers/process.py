@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import time
-from typing import AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import aiohttp
 import structlog
@@ -32,6 +32,11 @@ ArgvBuilder = Callable[[str, int, str], Argv]  # (host, port, api_key) -> Argv
 _OOM_RE = re.compile(r"out of memory|failed to allocate|bad_alloc|cudaMalloc failed|"
                      r"unable to allocate|cannot allocate memory", re.IGNORECASE)
 _PR_SET_PDEATHSIG = 1
+# A line an engine prints once it serves: llama-server "model loaded" / "listening on",
+# llamafile "llama server listening at", routerd's engine "engine.listening". Seeing one
+# probes /health at once; the slow fallback poll covers engines that print none of these.
+_READY_HINT_RE = re.compile(r"listening|model loaded|running on|slots are idle", re.IGNORECASE)
+_POLL_FIRST, _POLL_MAX = 0.005, 0.025
 
 
 class WorkerLoadError(ModelFailed):
@@ -96,6 +101,8 @@ class Worker:
         self._lifeline: int | None = None
         self._on_exit, self._on_spawn = on_exit, on_spawn
         self.inflight = 0
+        self.progress = 0  # bumped per chunk relayed from this engine (liveness evidence)
+        self._ready_hint = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self.started_at = 0.0
@@ -179,32 +186,50 @@ class Worker:
                        asyncio.create_task(self._monitor())]
 
     async def _wait_ready(self, timeout: float) -> None:
+        """Probe /health when the engine says it serves (a log line, see _READY_HINT_RE),
+        when it exits, or on a short backoff poll (5 ms doubling to 25 ms), whichever comes
+        first: no coarse sleep between "listening" and the first request."""
         deadline = time.monotonic() + timeout
-        delay = 0.005
+        delay = _POLL_FIRST
         url = f"{self.base_url}/health"
-        while True:
-            if self._exited.done():
-                await self._drain_readers()
-                tail = self.stderr_tail()
-                raise WorkerLoadError(
-                    f"model {self.model!r} failed to load: engine exited with code "
-                    f"{self.returncode}" + (f": {tail}" if tail else ""),
-                    oom=bool(_OOM_RE.search(tail)) or self.returncode == -signal.SIGKILL,
-                    stderr=tail)
-            try:
-                async with self._session.get(
-                        url, timeout=aiohttp.ClientTimeout(total=2)) as r:
-                    if r.status == 200:
-                        return
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-                pass
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise WorkerLoadError(f"model {self.model!r} did not become ready within "
-                                      f"{timeout:.0f}s; last output: {self.stderr_tail(5)}")
-            # Wait on the process exit, not a blind sleep: a crash is seen at once.
-            await asyncio.wait({self._exited}, timeout=min(delay, left))
-            delay = min(delay * 2, 0.01)
+        hint: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                self._ready_hint.clear()
+                if await self._probe_once(url, deadline, timeout):
+                    return
+                if hint is None or hint.done():
+                    hint = asyncio.ensure_future(self._ready_hint.wait())
+                waiters: set[asyncio.Future[Any]] = {self._exited, hint}
+                left = deadline - time.monotonic()
+                await asyncio.wait(waiters, timeout=min(delay, left),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                delay = min(delay * 2, _POLL_MAX)
+        finally:
+            if hint is not None and not hint.done():
+                hint.cancel()
+
+    async def _probe_once(self, url: str, deadline: float, timeout: float) -> bool:
+        """One readiness check: raise if the engine exited or the deadline passed."""
+        if self._exited.done():
+            await self._drain_readers()
+            tail = self.stderr_tail()
+            raise WorkerLoadError(
+                f"model {self.model!r} failed to load: engine exited with code "
+                f"{self.returncode}" + (f": {tail}" if tail else ""),
+                oom=bool(_OOM_RE.search(tail)) or self.returncode == -signal.SIGKILL,
+                stderr=tail)
+        try:
+            async with self._session.get(
+                    url, timeout=aiohttp.ClientTimeout(total=2)) as r:
+                if r.status == 200:
+                    return True
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            pass
+        if deadline - time.monotonic() <= 0:
+            raise WorkerLoadError(f"model {self.model!r} did not become ready within "
+                                  f"{timeout:.0f}s; last output: {self.stderr_tail(5)}")
+        return False
 
     async def stop(self, *, drain: float = 30.0, kill_after: float = 10.0) -> None:
         """Drain in-flight requests (bounded), SIGTERM the group, SIGKILL after a timeout."""
@@ -289,6 +314,8 @@ class Worker:
                 return
             line = raw.decode("utf-8", "replace").rstrip()
             self.lines.append(line)
+            if self.state.value is WorkerState.STARTING and _READY_HINT_RE.search(line):
+                self._ready_hint.set()
             for q in self._subscribers:
                 if q.qsize() < 1000:
                     q.put_nowait(line)
@@ -296,17 +323,24 @@ class Worker:
 
     # ------------------------------------------------------------------ requests
 
-    @contextlib.contextmanager
-    def track(self) -> Iterator[Worker]:
-        """Count an in-flight request (drain waits for these)."""
+    def begin(self) -> None:
+        """Count an in-flight request (drain waits for these); paired with `end`."""
         self.inflight += 1
         self._idle.clear()
+
+    def end(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[Worker]:
+        """begin ... end around a block."""
+        self.begin()
         try:
             yield self
         finally:
-            self.inflight -= 1
-            if self.inflight == 0:
-                self._idle.set()
+            self.end()
 
     async def follow(self) -> AsyncIterator[str]:
         """The ring buffer, then live lines until the process exits."""

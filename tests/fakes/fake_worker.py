@@ -401,6 +401,9 @@ async def serve(args: argparse.Namespace) -> None:
     await web.TCPSite(runner, args.host, args.port).start()
     print(f"fake_worker: listening on http://{args.host}:{args.port} model={worker.model_id}",
           file=sys.stderr, flush=True)
+    if args.slow_start > 0:  # /health answers 503 until then, like llama-server loading
+        loop.call_at(loop.time() + max(0.0, worker.ready_at - time.monotonic()), lambda: print(
+            "fake_worker: model loaded", file=sys.stderr, flush=True))
     try:
         await stop.wait()
     finally:

@@ -4,7 +4,6 @@ the way Ollama's sched_test fakes a 24 GB GPU."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 from typing import Any
 
@@ -54,13 +53,11 @@ class FakeWorker:
     async def kill(self) -> None:
         self.state.swap((WorkerState.READY, WorkerState.STARTING), WorkerState.FAILED)
 
-    @contextlib.contextmanager
-    def track(self):  # type: ignore[no-untyped-def]
+    def begin(self) -> None:
         self.inflight += 1
-        try:
-            yield self
-        finally:
-            self.inflight -= 1
+
+    def end(self) -> None:
+        self.inflight -= 1
 
 
 class FakeBooks:

@@ -291,3 +291,32 @@ def test_real_model() -> None:
     mi = model_info(info)
     assert mi["llama.attention.layer_norm_rms_epsilon"] == 1e-05
     assert mi["tokenizer.ggml.tokens"] is None and mi["general.parameter_count"] == 134_515_008
+
+
+def test_spec_constants_match_the_gguf_package() -> None:
+    """routerd keeps the format's own numbers so that starting does not import numpy."""
+    import gguf
+
+    from routerd.store import gguf as ours
+
+    assert {t.name: t.value for t in ours.GGUFValueType} == {
+        t.name: int(t.value) for t in gguf.GGUFValueType}
+    assert (ours.GGUF_MAGIC, ours.GGUF_DEFAULT_ALIGNMENT) == (gguf.GGUF_MAGIC,
+                                                             gguf.GGUF_DEFAULT_ALIGNMENT)
+
+
+@given(st.floats(width=32, allow_nan=False, allow_infinity=False))
+def test_float32_shortest_repr_matches_numpy(x: float) -> None:
+    from routerd.store.gguf import _float32
+
+    assert _float32(x) == float(str(np.float32(x)))
+
+
+def test_starting_routerd_does_not_import_numpy() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, routerd.app, routerd.cli; print('numpy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.strip() == "False"

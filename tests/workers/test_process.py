@@ -136,6 +136,30 @@ async def test_slow_start_within_timeout(session: aiohttp.ClientSession,
     assert w.load_seconds >= 1.0
 
 
+async def test_readiness_follows_the_engines_listening_line(
+        session: aiohttp.ClientSession, workers: list[Worker],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the fallback poll stretched to 30 s, the worker is still found ready as soon as
+    it prints "listening": the log line triggers the /health probe."""
+    from routerd.workers import process
+
+    monkeypatch.setattr(process, "_POLL_FIRST", 30.0)
+    monkeypatch.setattr(process, "_POLL_MAX", 30.0)
+    w = await make(session, workers, "--slow-start", "0.5")
+    await asyncio.wait_for(w.start(timeout=60), 20)
+    assert w.ready
+    assert any("listening" in line for line in w.lines)
+
+
+async def test_readiness_without_any_log_line_falls_back_to_polling(
+        session: aiohttp.ClientSession, workers: list[Worker]) -> None:
+    """An engine that prints nothing is found by the backoff poll."""
+    w = await make(session, workers, "--slow-start", "0.3",
+                   prefix=("sh", "-c", 'exec "$@" 2>/dev/null', "sh"))
+    await w.start(timeout=20)
+    assert w.ready and not w.lines
+
+
 async def test_slow_start_beyond_timeout_fails_and_kills(session: aiohttp.ClientSession,
                                                          workers: list[Worker]) -> None:
     w = await make(session, workers, "--slow-start", "60")
