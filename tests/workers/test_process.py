@@ -4,6 +4,7 @@ SIGKILL, the process group and the lifeline. Real processes, loopback only."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -99,6 +100,68 @@ async def test_start_ready_and_serves(session: aiohttp.ClientSession,
     await w.stop(drain=1, kill_after=5)
     assert w.state.value is WorkerState.STOPPED and not w.alive
     assert w.returncode == 0
+
+
+async def _until(cond, timeout: float = 10.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def _requests_seen(w: Worker) -> int:
+    return sum(1 for line in w.lines if line.startswith("request POST"))
+
+
+async def test_output_is_read_when_idle_not_mid_request(
+        session: aiohttp.ClientSession, workers: list[Worker],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a request is in flight the engine's lines wait in the pipe; they are read once
+    the worker is idle, and nothing is lost."""
+    from routerd.workers import process
+
+    monkeypatch.setattr(process, "_HOLD_MAX", 3600.0)
+    w = await make(session, workers)
+    await w.start(timeout=20)
+    w.begin()
+    for _ in range(3):
+        assert (await stream_chat(session, w))[-1] == "[DONE]"
+    await asyncio.sleep(0.2)
+    assert _requests_seen(w) == 0  # printed by the engine, still in the pipe
+    w.end()
+    await _until(lambda: _requests_seen(w) == 3)
+
+
+async def test_output_of_a_long_request_is_read_periodically(
+        session: aiohttp.ClientSession, workers: list[Worker],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from routerd.workers import process
+
+    monkeypatch.setattr(process, "_HOLD_MAX", 0.1)
+    w = await make(session, workers)
+    await w.start(timeout=20)
+    w.begin()
+    try:
+        assert (await stream_chat(session, w))[-1] == "[DONE]"
+        await _until(lambda: _requests_seen(w) == 1)  # still in flight: read on the timer
+    finally:
+        w.end()
+
+
+async def test_crash_while_output_is_held_keeps_the_reason(
+        session: aiohttp.ClientSession, workers: list[Worker],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from routerd.workers import process
+
+    monkeypatch.setattr(process, "_HOLD_MAX", 3600.0)
+    w = await make(session, workers, "--crash-at-token", "2", "--tokens", "10")
+    await w.start(timeout=20)
+    w.begin()
+    with contextlib.suppress(aiohttp.ClientError):
+        await stream_chat(session, w)
+    await asyncio.wait_for(w.exited(), 10)
+    assert "crashing as asked" in w.stderr_tail(), w.stderr_tail()
+    w.end()
 
 
 async def test_start_twice_is_refused(session: aiohttp.ClientSession,
