@@ -41,12 +41,15 @@ def eviction_order(loaded: Sequence[Loaded]) -> list[Loaded]:
 
 
 def _shortage(need: Mapping[str, int], loaded: Sequence[Loaded], budget: Mapping[str, int],
-              victims: Sequence[Loaded]) -> dict[str, int]:
-    """Bytes missing per resource (only those > 0) once ``victims`` are gone."""
+              victims: Sequence[Loaded],
+              reserved: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Bytes missing per resource (only those > 0) once ``victims`` are gone; ``reserved`` is
+    memory still held by processes on their way out."""
     gone = {id(v) for v in victims}
     short: dict[str, int] = {}
     for r in _resources(need, budget):
         used = sum(m.need.get(r, 0) for m in loaded if id(m) not in gone)
+        used += (reserved or {}).get(r, 0)
         missing = used + need.get(r, 0) - budget.get(r, 0)
         if missing > 0:
             short[r] = missing
@@ -54,14 +57,30 @@ def _shortage(need: Mapping[str, int], loaded: Sequence[Loaded], budget: Mapping
 
 
 def _fits(need: Mapping[str, int], loaded: Sequence[Loaded], budget: Mapping[str, int],
-          victims: Sequence[Loaded], max_loaded: int) -> bool:
+          victims: Sequence[Loaded], max_loaded: int,
+          reserved: Mapping[str, int] | None = None) -> bool:
     if max_loaded > 0 and len(loaded) - len(victims) + 1 > max_loaded:
         return False
-    return not _shortage(need, loaded, budget, victims)
+    return not _shortage(need, loaded, budget, victims, reserved)
+
+
+def fits_alongside(need: Mapping[str, int], loaded: Sequence[Loaded],
+                   budget: Mapping[str, int], reserved: Mapping[str, int] | None = None) -> bool:
+    """Whether ``need`` fits in memory with every loaded model (and ``reserved``) still
+    there, the count limit aside: then victims chosen for the count alone may stop while the
+    new model loads. Only for resources the budget measures: a resource it does not know
+    (a GPU without NVML) never overlaps."""
+    measured = set(budget)
+    if any(n > 0 and r not in measured for m in loaded for r, n in m.need.items()):
+        return False
+    if any(n > 0 and r not in measured for r, n in need.items()):
+        return False
+    return not _shortage(need, loaded, budget, (), reserved)
 
 
 def choose_victims(need: Mapping[str, int], loaded: Sequence[Loaded], budget: Mapping[str, int],
-                   *, max_loaded: int = 0) -> list[Loaded] | None:
+                   *, max_loaded: int = 0,
+                   reserved: Mapping[str, int] | None = None) -> list[Loaded] | None:
     """The idle models to evict, in eviction order, so that ``need`` fits.
 
     [] when it fits already; None when it cannot fit now (busy models hold the
@@ -73,17 +92,17 @@ def choose_victims(need: Mapping[str, int], loaded: Sequence[Loaded], budget: Ma
         return None
     victims: list[Loaded] = []
     for cand in eviction_order(loaded):
-        if _fits(need, loaded, budget, victims, max_loaded):
+        if _fits(need, loaded, budget, victims, max_loaded, reserved):
             break
-        short = _shortage(need, loaded, budget, victims)
+        short = _shortage(need, loaded, budget, victims, reserved)
         over_count = max_loaded > 0 and len(loaded) - len(victims) + 1 > max_loaded
         if over_count or any(cand.need.get(r, 0) > 0 for r in short):
             victims.append(cand)
-    if not _fits(need, loaded, budget, victims, max_loaded):
+    if not _fits(need, loaded, budget, victims, max_loaded, reserved):
         return None
     for v in reversed(list(victims)):
         rest = [x for x in victims if x is not v]
-        if _fits(need, loaded, budget, rest, max_loaded):
+        if _fits(need, loaded, budget, rest, max_loaded, reserved):
             victims = rest
     return victims
 

@@ -37,9 +37,9 @@ _PR_SET_PDEATHSIG = 1
 # probes /health at once; the slow fallback poll covers engines that print none of these.
 _READY_HINT_RE = re.compile(r"listening|model loaded|running on|slots are idle", re.IGNORECASE)
 _POLL_FIRST, _POLL_MAX = 0.005, 0.025
-# While requests are in flight the engine's output pipes are not read (see Worker.begin),
-# except for a moment every _HOLD_MAX seconds.
-_HOLD_MAX, _HOLD_GAP = 0.5, 0.02
+# While requests are in flight the engine's output pipes are not read (see Worker.begin):
+# they are read when a request ends, and for a moment every _HOLD_MAX seconds.
+_HOLD_MAX, _HOLD_GAP = 0.25, 0.005
 
 
 class WorkerLoadError(ModelFailed):
@@ -334,11 +334,12 @@ class Worker:
     def begin(self) -> None:
         """Count an in-flight request (drain waits for these); paired with `end`.
 
-        While requests are in flight, routerd stops reading the engine's stdout/stderr pipes
-        (the lines wait in the pipe) and reads them when the worker goes idle, or every 0.5 s
-        for a moment while it stays busy. llama-server prints about nine lines per request;
-        reading each one as it comes woke routerd mid-request, on cores the engine's threads
-        were using, and cost 0.3 to 2.7 ms per warm request in the bench's A/B."""
+        While requests are in flight, routerd does not read the engine's stdout/stderr pipes
+        as each line comes: the lines wait in the pipe and are read when a request ends, and
+        every 0.25 s for a moment while requests stay in flight (so a long stream's logs stay
+        near-live and a chatty engine never fills its pipe). llama-server prints about nine
+        lines per request; reading each one as it came woke routerd mid-request, on cores
+        the engine's threads were using (bench A/B: 0.3 to 2.7 ms per warm request)."""
         self.inflight += 1
         self._idle.clear()
         if self.inflight == 1:
@@ -346,9 +347,12 @@ class Worker:
 
     def end(self) -> None:
         self.inflight -= 1
+        self._release_output()
         if self.inflight == 0:
             self._idle.set()
-            self._release_output()
+        else:  # others still in flight: read what waits, then hold again
+            self._hold_timer = asyncio.get_running_loop().call_later(_HOLD_GAP,
+                                                                     self._hold_again)
 
     def _hold_output(self) -> None:
         if self._held or not self._pipes or self._exited.done():
@@ -371,8 +375,6 @@ class Worker:
                 pipe.resume_reading()  # type: ignore[attr-defined]
 
     def _read_held(self) -> None:
-        """Busy for a while: read what waits (a long stream's logs stay near-live and the
-        pipe never fills), then hold again."""
         self._hold_timer = None
         self._release_output()
         if self.inflight:

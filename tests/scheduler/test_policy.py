@@ -196,3 +196,22 @@ def test_unhelpful_models_are_never_evicted(need: dict[str, int], loaded: list[L
 @given(needs, budgets)
 def test_fits_at_all_matches_an_empty_machine(need: dict[str, int], budget: dict[str, int]) -> None:
     assert fits_at_all(need, budget) == (choose_victims(need, [], budget) == [])
+
+
+def test_fits_alongside_counts_everything_still_holding_memory() -> None:
+    from routerd.scheduler.policy import fits_alongside
+
+    a = Loaded("a", {"ram": 6 * GB}, 0, 1, False)
+    assert fits_alongside({"ram": 6 * GB}, [a], {"ram": 12 * GB})
+    assert not fits_alongside({"ram": 6 * GB}, [a], {"ram": 12 * GB}, {"ram": 1})
+    assert not fits_alongside({"ram": 7 * GB}, [a], {"ram": 12 * GB})
+
+
+def test_fits_alongside_never_overlaps_on_an_unmeasured_resource() -> None:
+    """A GPU routerd cannot measure (no NVML) may not hold two engines at once."""
+    from routerd.scheduler.policy import fits_alongside
+
+    a = Loaded("a", {"ram": GB, "gpu0": 2 * GB}, 0, 1, False)
+    assert not fits_alongside({"ram": GB}, [a], {"ram": 12 * GB})
+    assert not fits_alongside({"ram": GB, "gpu0": GB}, [], {"ram": 12 * GB})
+    assert fits_alongside({"ram": GB, "gpu0": GB}, [a], {"ram": 12 * GB, "gpu0": 8 * GB})

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(20)
 
 class FakeWorker:
     def __init__(self, model: str, log: list[tuple[str, str]], *, start_delay: float = 0,
-                 fail: WorkerLoadError | None = None) -> None:
+                 fail: WorkerLoadError | None = None, stop_delay: float = 0) -> None:
         self.model, self._log = model, log
         self.state = StateBox()
         self.inflight = 0
@@ -31,7 +31,7 @@ class FakeWorker:
         self.lines: list[str] = []
         self.failure: str | None = None
         self.load_seconds = 0.0
-        self.start_delay, self.fail = start_delay, fail
+        self.start_delay, self.fail, self.stop_delay = start_delay, fail, stop_delay
         self.released = asyncio.Event()
 
     ready = property(lambda self: self.state.value is WorkerState.READY)
@@ -48,6 +48,9 @@ class FakeWorker:
     async def stop(self, *, drain: float, kill_after: float) -> None:
         self._log.append(("stop", self.model))
         self.state.swap((WorkerState.READY, WorkerState.STARTING), WorkerState.STOPPING)
+        if self.stop_delay:  # an engine taking its time to exit
+            await asyncio.sleep(self.stop_delay)
+            self._log.append(("stopped", self.model))
         self.state.swap(WorkerState.STOPPING, WorkerState.STOPPED)
 
     async def kill(self) -> None:
@@ -341,3 +344,53 @@ async def test_other_load_options_reload_once_idle() -> None:
     await use(s, "a", )  # the catalog's entry differs again → reload back
     assert log.count(("start", "a")) == 3
     await s.close()
+
+
+# ---------------------------------------------------------------- overlapped swaps
+
+SLOW_STOP = {"stop_delay": 0.3}
+
+
+async def test_count_limit_swap_loads_while_the_old_engine_exits() -> None:
+    """max_loaded alone asks for room and memory holds both: the new model starts at once."""
+    s, log = make({"a": GB, "b": GB}, max_loaded=1, worker_kwargs={"a": SLOW_STOP})
+    await use(s, "a")
+    await use(s, "b")
+    assert log.index(("start", "b")) < len(log) and ("stopped", "a") not in log
+    assert set(s.runners) == {"b"} and len(s._stopping) == 1
+    for _ in range(100):
+        if not s._stopping:
+            break
+        await asyncio.sleep(0.02)
+    assert ("stopped", "a") in log and not s._stopping
+    await s.close()
+
+
+async def test_memory_eviction_waits_for_the_exit() -> None:
+    s, log = make({"a": 10 * GB, "b": 10 * GB}, budget=15 * GB, max_loaded=1,
+                  worker_kwargs={"a": SLOW_STOP})
+    await use(s, "a")
+    await use(s, "b")
+    assert log.index(("stopped", "a")) < log.index(("start", "b"))
+    await s.close()
+
+
+async def test_an_exiting_engine_still_holds_its_memory() -> None:
+    """a exits behind b's load; c fits only once a is gone, so c waits for that exit."""
+    s, log = make({"a": 6 * GB, "b": 5 * GB, "c": 7 * GB}, budget=12 * GB, max_loaded=1,
+                  worker_kwargs={"a": SLOW_STOP})
+    await use(s, "a")
+    await use(s, "b")  # 6 + 5 fit: a stops behind
+    assert ("stopped", "a") not in log
+    await use(s, "c")  # 6 (a, exiting) + 7 do not fit: wait for a
+    assert log.index(("stopped", "a")) < log.index(("start", "c"))
+    assert set(s.runners) == {"c"}
+    await s.close()
+
+
+async def test_close_stops_engines_still_exiting() -> None:
+    s, log = make({"a": GB, "b": GB}, max_loaded=1, worker_kwargs={"a": SLOW_STOP})
+    await use(s, "a")
+    await use(s, "b")
+    await s.close()
+    assert ("stopped", "a") in log and ("stop", "b") in log

@@ -132,6 +132,29 @@ async def test_output_is_read_when_idle_not_mid_request(
     await _until(lambda: _requests_seen(w) == 3)
 
 
+async def test_output_is_read_when_any_request_ends(
+        session: aiohttp.ClientSession, workers: list[Worker],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that always has a request in flight still has its output read, at each
+    request's end: a chatty engine under steady load must never block on a full pipe."""
+    from routerd.workers import process
+
+    monkeypatch.setattr(process, "_HOLD_MAX", 3600.0)
+    w = await make(session, workers)
+    await w.start(timeout=20)
+    w.begin()  # the long-lived one
+    try:
+        for n in range(1, 4):
+            w.begin()
+            assert (await stream_chat(session, w))[-1] == "[DONE]"
+            await asyncio.sleep(0.05)  # the engine's line is in the pipe by now
+            w.end()
+            await _until(lambda: _requests_seen(w) == n)
+        assert w.inflight == 1
+    finally:
+        w.end()
+
+
 async def test_output_of_a_long_request_is_read_periodically(
         session: aiohttp.ClientSession, workers: list[Worker],
         monkeypatch: pytest.MonkeyPatch) -> None:
