@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable
 
 import aiohttp
 import structlog
@@ -385,15 +385,6 @@ class Worker:
         self._hold_timer = None
         if self.inflight:
             self._hold_output()
-
-    @contextlib.contextmanager
-    def track(self) -> Iterator[Worker]:
-        """begin ... end around a block."""
-        self.begin()
-        try:
-            yield self
-        finally:
-            self.end()
 
     async def follow(self) -> AsyncIterator[str]:
         """The ring buffer, then live lines until the process exits."""

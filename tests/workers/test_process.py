@@ -261,8 +261,11 @@ async def test_stop_drains_in_flight_then_sigterm(session: aiohttp.ClientSession
     await w.start(timeout=20)
 
     async def request() -> list[str]:
-        with w.track():
+        w.begin()  # what Scheduler.acquire does for a request
+        try:
             return await stream_chat(session, w)
+        finally:
+            w.end()
 
     task = asyncio.create_task(request())
     while w.inflight == 0:
@@ -280,8 +283,11 @@ async def test_drain_is_bounded(session: aiohttp.ClientSession, workers: list[Wo
     await w.start(timeout=20)
 
     async def request() -> None:
-        with w.track():
+        w.begin()
+        try:
             await stream_chat(session, w)
+        finally:
+            w.end()
 
     task = asyncio.create_task(request())
     while w.inflight == 0:
