@@ -17,11 +17,13 @@ from .api.common import MODEL_CHECK, MODEL_NAME, error_middleware
 from .catalog import Catalog, ModelEntry
 from .metrics import route_label
 from .config import Config
+from .dispatch import Dispatcher
+from .events import EventBus
 from .scheduler.accounting import Accountant
 from .scheduler.scheduler import Scheduler
 from .scheduler.supervision import Prober
-from .workers.backends import Argv, build_argv, find_llama_server
-from .workers.process import Worker
+from .workers.backends import find_llama_server
+from .workers.factory import WorkerFactory
 from .workers.registry import WorkerRegistry
 
 log = structlog.get_logger(__name__)
@@ -66,26 +68,14 @@ async def scheduler_context(app: web.Application) -> AsyncIterator[None]:
                       discovered=app.get(DISCOVERY))
     accountant = app.get(ACCOUNTANT) or Accountant(config)
     registry = WorkerRegistry(config.expand(config.state_dir) / "workers.json")
-    scheduler: Scheduler
-
-    def new_worker(entry: ModelEntry) -> Worker:
-        def build(host: str, port: int, api_key: str) -> Argv:
-            return build_argv(entry.launch, host=host, port=port, api_key=api_key,
-                              llama_server=llama_server)
-
-        def on_exit(worker: Worker) -> None:
-            registry.forget(worker)
-            scheduler.worker_exited(worker)
-
-        return Worker(entry.name, build, session, on_exit=on_exit, on_spawn=registry.record)
-
+    new_worker = WorkerFactory(session, registry, llama_server=llama_server)
     scheduler = Scheduler(config, catalog, new_worker, accountant,
-                          metrics=app.get(keys.METRICS))
+                          metrics=app.get(keys.METRICS), events=app.get(keys.EVENTS))
     app[keys.CATALOG], app[keys.SCHEDULER] = catalog, scheduler
-    metrics = app.get(keys.METRICS)
-    if metrics is not None:
-        for resource, n in accountant.budget().items():
-            metrics.set_budget(resource, n)
+    app[keys.DISPATCHER] = Dispatcher(scheduler, session, app[keys.HTTP_FRESH],
+                                      idle_timeout=config.timeouts.request_idle)
+    for resource, n in accountant.budget().items():
+        scheduler.metrics.set_budget(resource, n)
     prober = Prober(scheduler, session, interval=config.timeouts.probe_interval,
                     timeout=config.timeouts.probe_timeout)
     prober.start()
@@ -134,6 +124,7 @@ def make_app(config: Config, *, accountant: Accountant | None = None,
                      metrics_middleware],
         client_max_size=security.client_max_size(config))
     app[keys.CONFIG] = config
+    app[keys.EVENTS] = EventBus()
     app[MODEL_CHECK] = security.check_model_allowed
     if accountant is not None:
         app[ACCOUNTANT] = accountant

@@ -15,15 +15,7 @@ import structlog
 from . import __version__
 from .config import Config, ConfigError, load_config
 
-DEFAULT_HOST = "http://127.0.0.1:11434"
 log = structlog.get_logger("routerd")
-
-
-def _base_url() -> str:
-    host = os.environ.get("ROUTERD_HOST", DEFAULT_HOST)
-    if "://" not in host:
-        host = "http://" + host
-    return host.rstrip("/")
 
 
 def _load(path: str | None) -> Config:
@@ -68,7 +60,7 @@ async def _serve(config: Config) -> int:
         if signals_seen > 1:
             log.warning("routerd.forced_exit", signal=sig.name)
             for r in list(app[keys.SCHEDULER].runners.values()):
-                r.worker._signal_group(signal.SIGKILL)
+                r.worker.kill_now()
             os._exit(1)
         log.info("routerd.stopping", signal=sig.name)
         stop.set()
@@ -85,9 +77,8 @@ async def _serve(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop, sig)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    server = site._server
-    sockets = list(getattr(server, "sockets", None) or [])
-    port = sockets[0].getsockname()[1] if sockets else config.port
+    addresses = runner.addresses  # (host, port, ...) per bound socket
+    port = addresses[0][1] if addresses else config.port
     log.info("routerd.listening", host=config.host, port=port, version=__version__,
              loop=type(loop).__module__.split(".")[0])
     notify("READY=1")
@@ -157,7 +148,7 @@ def _client(args: argparse.Namespace) -> int:
     from . import client
     from .store import progress
 
-    base = _base_url()
+    base = client.resolve_base()
     cmd = args.cmd
     if cmd == "pull":
         return asyncio.run(progress.run_pull(base, args.name, args.insecure))

@@ -34,7 +34,7 @@ DEFAULT_CORS = (
 
 class ConfigError(ValueError):
     def __init__(self, key: str, message: str, file: str | None = None) -> None:
-        self.key, self.file = key, file
+        self.key, self.file, self.reason = key, file, message
         where = f"{file}: " if file else ""
         super().__init__(f"config error: {where}{key}: {message}")
 
@@ -197,6 +197,7 @@ class ModelConfig:
     options: Mapping[str, Any] = field(default_factory=dict)
     system: str | None = None
     embeddings: bool = True
+    gpus: tuple[int, ...] | None = None  # `gpu: N` or `gpus: [..]` pins; None = any GPU
 
 
 @dataclass(frozen=True)
@@ -270,7 +271,7 @@ class _Reader:
         return tuple(value)
 
 
-_MODEL_KEYS = {f for f in ModelConfig.__dataclass_fields__ if f != "name"}
+_MODEL_KEYS = {f for f in ModelConfig.__dataclass_fields__ if f != "name"} | {"gpu"}
 _TOP_KEYS = {f for f in Config.__dataclass_fields__ if f != "source"}
 
 
@@ -292,6 +293,7 @@ def _parse_model(name: str, data: Any, file: str | None) -> ModelConfig:
         gpu_layers = r.get("gpu_layers", (int, str), "auto")
         if isinstance(gpu_layers, str) and gpu_layers != "auto":
             raise ConfigError(r.key("gpu_layers"), "must be an integer or 'auto'")
+        pinned = _parse_gpu_pin(r)
         keep_alive = None
         if "keep_alive" in r.data:
             keep_alive = parse_duration(r.data["keep_alive"], r.key("keep_alive"))
@@ -311,9 +313,27 @@ def _parse_model(name: str, data: Any, file: str | None) -> ModelConfig:
             options=dict(r.get("options", dict, {})),
             system=r.get("system", str, None),
             embeddings=r.get("embeddings", bool, True),
+            gpus=pinned,
         )
     except ConfigError as e:
-        raise ConfigError(e.key, str(e).split(f"{e.key}: ", 1)[-1], file) from None
+        raise ConfigError(e.key, e.reason, file) from None
+
+
+def _parse_gpu_pin(r: _Reader) -> tuple[int, ...] | None:
+    """`gpu: 1` or `gpus: [0, 1]`: the NVML indices a model may use (one of them, or split
+    over them); `gpus: []` keeps it off every GPU."""
+    if "gpu" in r.data and "gpus" in r.data:
+        raise ConfigError(r.key("gpus"), "set gpu or gpus, not both")
+    if "gpu" in r.data:
+        return (r.positive_int("gpu", 0, 0),)
+    value = r.get("gpus", list, None)
+    if value is None:
+        return None
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+        raise ConfigError(r.key("gpus"), "expected a list of GPU indices (integers >= 0)")
+    if len(set(value)) != len(value):
+        raise ConfigError(r.key("gpus"), "a GPU index is listed twice")
+    return tuple(value)
 
 
 def parse_config(data: Mapping[str, Any] | None, file: str | None = None) -> Config:
@@ -396,7 +416,7 @@ def parse_config(data: Mapping[str, Any] | None, file: str | None = None) -> Con
         )
     except ConfigError as e:
         if e.file is None and file is not None:
-            raise ConfigError(e.key, str(e).split(f"{e.key}: ", 1)[-1], file) from None
+            raise ConfigError(e.key, e.reason, file) from None
         raise
 
 

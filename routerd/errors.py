@@ -36,6 +36,35 @@ class Forbidden(RouterdError):
     type = "permission_error"
 
 
+class NotFound(RouterdError):
+    """No route for the method and path."""
+
+    status = 404
+    code = "not_found"
+    type = "invalid_request_error"
+
+
+class MethodNotAllowed(RouterdError):
+    status = 405
+    code = "method_not_allowed"
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, allow: str = "") -> None:
+        super().__init__(message, headers={"Allow": allow} if allow else None)
+
+
+class EngineRejected(RouterdError):
+    """The engine refused the request with a 4xx (e.g. a prompt longer than the context):
+    its status and message pass through."""
+
+    code = "invalid_request"
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class ModelNotFound(RouterdError):
     status = 404
     code = "model_not_found"

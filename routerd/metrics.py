@@ -151,3 +151,41 @@ async def handle_metrics(request: web.Request) -> web.Response:
     metrics: Metrics = request.app[keys.METRICS]
     body, content_type = metrics.render(request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+class NullMetrics(Metrics):
+    """Metrics that record nothing: for a scheduler run without /metrics (tests, tools)."""
+
+    def __init__(self) -> None:  # no registry, no collectors
+        pass
+
+    def observe_request(self, route: str, model: str | None, status: int,
+                        seconds: float) -> None:
+        pass
+
+    def add_tokens(self, model: str, prompt: int, completion: int) -> None:
+        pass
+
+    def set_queue_depth(self, n: int) -> None:
+        pass
+
+    def inc_load(self, model: str) -> None:
+        pass
+
+    def inc_eviction(self, model: str) -> None:
+        pass
+
+    def inc_restart(self, model: str) -> None:
+        pass
+
+    def set_memory(self, model: str, resource: str, nbytes: int) -> None:
+        pass
+
+    def set_budget(self, resource: str, nbytes: int) -> None:
+        pass
+
+    def set_state(self, model: str, state: str) -> None:
+        pass
+
+    def forget(self, model: str) -> None:
+        pass

@@ -14,7 +14,7 @@ from ..catalog import ModelEntry
 from ..errors import BadRequest, ModelNotFound
 from ..scheduler.accounting import read_info
 from ..store import gguf
-from .common import read_json, jresp
+from .common import add_route, read_json, jresp
 
 OLLAMA_API_VERSION = "0.12.0"  # the Ollama API level routerd speaks
 
@@ -61,20 +61,20 @@ async def tags(request: web.Request) -> web.Response:
 async def ps(request: web.Request) -> web.Response:
     scheduler = request.app[keys.SCHEDULER]
     models = []
-    for r in list(scheduler.runners.values()):
-        held = r.measured or r.need
+    for r in scheduler.snapshot():
+        held = r.held
         vram = sum(v for k, v in held.items() if k.startswith("gpu"))
         expires = (dt.datetime.fromtimestamp(r.expires_at, dt.timezone.utc)
                    if r.expires_at else dt.datetime(2318, 1, 1, tzinfo=dt.timezone.utc))
         models.append({
             "name": r.name, "model": r.name, "size": sum(held.values()), "digest": _digest(r.entry),
             "details": _details(r.entry), "expires_at": _rfc3339(expires), "size_vram": vram,
-            "context_length": r.entry.launch.ctx_size,
-            "routerd": {"state": r.worker.state.value.value, "pid": r.worker.pid,
-                        "backend": r.entry.launch.backend, "estimate": r.estimate,
-                        "measured": r.measured, "booked": r.need, "in_use": r.refs,
-                        "parallel": r.entry.launch.parallel,
-                        "load_seconds": round(r.worker.load_seconds, 3)}})
+            "context_length": r.ctx_size,
+            "routerd": {"state": r.state.value, "pid": r.pid,
+                        "backend": r.backend, "estimate": r.estimate,
+                        "measured": r.measured, "booked": r.booked, "in_use": r.in_use,
+                        "inflight": r.inflight, "parallel": r.parallel,
+                        "load_seconds": round(r.load_seconds, 3)}})
     failed = [{"name": n, "reason": scheduler.failed_reason(n)}
               for n in request.app[keys.CATALOG].names() if scheduler.failed_reason(n)]
     budget = scheduler.acct.budget()
@@ -169,11 +169,9 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/tags", tags)
-    app.router.add_get("/api/ps", ps)
-    app.router.add_post("/api/show", show)
-    app.router.add_get("/api/version", version)
-    app.router.add_get("/", root)  # aiohttp answers HEAD for GET routes
-    app.router.add_get("/api/logs", logs)
-    app.router.add_post("/api/refresh", refresh)
-    app.router.add_get("/metrics", metrics)
+    for method, path, handler in (("GET", "/api/tags", tags), ("GET", "/api/ps", ps),
+                                  ("POST", "/api/show", show), ("GET", "/api/version", version),
+                                  ("GET", "/", root),  # GET routes answer HEAD too
+                                  ("GET", "/api/logs", logs), ("POST", "/api/refresh", refresh),
+                                  ("GET", "/metrics", metrics)):
+        add_route(app, method, path, handler, dialect="ollama")

@@ -19,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from .. import keys
+from .common import add_route, read_json
 from ..errors import BadRequest, ModelNotFound, RouterdError
 from ..store import gguf
 from ..store.blobs import receive_blob
@@ -37,12 +38,12 @@ _PARAM_KEY = re.compile(r"^[a-z_][a-z0-9_]{0,63}$")
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/api/pull", pull)
-    app.router.add_delete("/api/delete", delete)
-    app.router.add_post("/api/copy", copy)
-    app.router.add_route("HEAD", "/api/blobs/{digest}", head_blob)
-    app.router.add_post("/api/blobs/{digest}", post_blob)
-    app.router.add_post("/api/create", create)
+    for method, path, handler in (("POST", "/api/pull", pull), ("DELETE", "/api/delete", delete),
+                                  ("POST", "/api/copy", copy),
+                                  ("HEAD", "/api/blobs/{digest}", head_blob),
+                                  ("POST", "/api/blobs/{digest}", post_blob),
+                                  ("POST", "/api/create", create)):
+        add_route(app, method, path, handler, dialect="ollama")
 
 
 async def store_context(app: web.Application) -> AsyncIterator[None]:
@@ -62,16 +63,6 @@ async def store_context(app: web.Application) -> AsyncIterator[None]:
 
 
 # ---------------------------------------------------------------- helpers
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("invalid JSON body") from None
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    return body
 
 
 def _name_field(body: dict[str, Any], *fields: str) -> str:
@@ -129,7 +120,7 @@ async def _refreshing(request: web.Request,
 
 
 async def pull(request: web.Request) -> web.StreamResponse:
-    body = await _body(request)
+    body = await read_json(request)
     name = _name_field(body, "model", "name")
     insecure = body.get("insecure") is True
     puller = request.app[PULLER]
@@ -145,7 +136,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
 
 
 async def delete(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await read_json(request)
     name = _name_field(body, "model", "name")
     store: Store = request.app[keys.STORE]
     await asyncio.to_thread(store.delete, name)
@@ -154,7 +145,7 @@ async def delete(request: web.Request) -> web.Response:
 
 
 async def copy(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await read_json(request)
     src, dst = _name_field(body, "source"), _name_field(body, "destination")
     parse_name(dst)
     store: Store = request.app[keys.STORE]
@@ -179,7 +170,7 @@ async def post_blob(request: web.Request) -> web.Response:
 
 
 async def create(request: web.Request) -> web.StreamResponse:
-    body = await _body(request)
+    body = await read_json(request)
     name = parse_name(_name_field(body, "model", "name"))
     for unsupported in ("quantize", "adapters"):
         if body.get(unsupported):

@@ -6,13 +6,11 @@ relayed untouched.
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 
 from .. import keys
-from ..errors import BadRequest
-from .common import engine_call, keep_alive_field, model_field, note_request, jresp
+from ..bodies import parse_object
+from .common import add_route, engine_call, keep_alive_field, model_field, note_request, jresp
 from .security import upstream_path
 from .streaming import relay_body, relay_sse
 
@@ -23,14 +21,7 @@ def _default(request: web.Request) -> str | None:
 
 async def _native(request: web.Request, path: str) -> web.StreamResponse:
     raw = await request.read() if request.body_exists else b""
-    body: dict = {}
-    if raw:
-        try:
-            body = json.loads(raw)
-        except ValueError as e:
-            raise BadRequest(f"invalid JSON in request body: {e}") from None
-        if not isinstance(body, dict):
-            raise BadRequest("request body must be a JSON object")
+    body = parse_object(raw, required=False)
     name = model_field(body, default=_default(request))
     note_request(request, name)
     stream = body.get("stream", False) is True
@@ -82,16 +73,17 @@ async def upstream(request: web.Request) -> web.StreamResponse:
     ctype = request.headers.get("Content-Type", "application/json")
     async with engine_call(request, name, path, body=raw, method=request.method,
                            query=request.query, content_type=ctype) as call:
-        if call.resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+        if call.response.headers.get("Content-Type", "").startswith("text/event-stream"):
             return await relay_sse(request, call)
         return await relay_body(call)
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/completion", completion)
-    app.router.add_post("/completions", completion)
-    app.router.add_post("/tokenize", tokenize)
-    app.router.add_post("/detokenize", detokenize)
-    app.router.add_get("/props", props)
-    app.router.add_get("/health", health)
-    app.router.add_route("*", "/upstream/{tail:.+}", upstream)
+    for method, path, handler in (("POST", "/completion", completion),
+                                  ("POST", "/completions", completion),
+                                  ("POST", "/tokenize", tokenize),
+                                  ("POST", "/detokenize", detokenize),
+                                  ("GET", "/props", props),
+                                  ("GET", "/health", health),
+                                  ("*", "/upstream/{tail:.+}", upstream)):
+        add_route(app, method, path, handler, dialect="openai")

@@ -13,7 +13,8 @@ from aiohttp import web
 from .. import keys
 from ..catalog import with_load_options
 from ..errors import BadRequest
-from .common import engine_call, keep_alive_field, model_field, note_request, read_json, jresp
+from ..bodies import stream_flag
+from .common import add_route, engine_call, keep_alive_field, model_field, note_request, read_json, jresp
 from .streaming import relay_translated
 from .translate import ollama as tx
 from .translate import ollama_response as rx
@@ -21,15 +22,6 @@ from .translate.ollama_stream import ChatStream, GenerateStream
 from .translate.sse import encode_ndjson
 
 CHAT_PATH = "/v1/chat/completions"
-
-
-def _stream_flag(body: dict[str, Any]) -> bool:
-    value = body.get("stream", True)
-    if value is None:
-        return True
-    if not isinstance(value, bool):
-        raise BadRequest("stream must be a boolean")
-    return value
 
 
 def _entry(request: web.Request, name: str, body: dict[str, Any]) -> Any:
@@ -81,7 +73,7 @@ async def _infer(request: web.Request, body: dict[str, Any], *, chat: bool,
     name = model_field(body)
     note_request(request, name)
     keep_alive = keep_alive_field(body)
-    stream = _stream_flag(body)
+    stream = stream_flag(body, default=True)
     if empty:
         return await _load_or_unload(request, name, keep_alive, chat=chat, body=body)
     entry = _entry(request, name, body)
@@ -96,7 +88,7 @@ async def _infer(request: web.Request, body: dict[str, Any], *, chat: bool,
         if stream:
             converter = ChatStream(name) if chat else GenerateStream(name)
             return await relay_translated(request, call, converter, encode_ndjson)
-        answer = await call.resp.json(content_type=None)
+        answer = await call.json()
         fold = rx.chat_response if chat else rx.generate_response
         return _counted(request, fold(answer, name, load_ns=call.load_ns,
                                       total_ns=call.total_ns()))
@@ -113,7 +105,7 @@ async def embed(request: web.Request) -> web.Response:
         return jresp({"model": name, "embeddings": []})
     async with engine_call(request, name, "/v1/embeddings", body=json.dumps(payload).encode(),
                            keep_alive=keep_alive_field(body)) as call:
-        answer = await call.resp.json(content_type=None)
+        answer = await call.json()
         return jresp(rx.embed_response(
             answer, name, load_ns=call.load_ns, total_ns=call.total_ns(),
             dimensions=payload.get("dimensions")))
@@ -130,12 +122,11 @@ async def embeddings(request: web.Request) -> web.Response:
         return jresp({"embedding": []})
     async with engine_call(request, name, "/v1/embeddings", body=json.dumps(payload).encode(),
                            keep_alive=keep_alive_field(body)) as call:
-        answer = await call.resp.json(content_type=None)
+        answer = await call.json()
         return jresp(rx.embeddings_response(answer))
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/api/chat", chat)
-    app.router.add_post("/api/generate", generate)
-    app.router.add_post("/api/embed", embed)
-    app.router.add_post("/api/embeddings", embeddings)
+    for path, handler in (("/api/chat", chat), ("/api/generate", generate),
+                          ("/api/embed", embed), ("/api/embeddings", embeddings)):
+        add_route(app, "POST", path, handler, dialect="ollama")

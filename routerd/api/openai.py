@@ -9,19 +9,17 @@ from __future__ import annotations
 from aiohttp import web
 
 from .. import keys
-from ..errors import BadRequest
-from .common import engine_call, keep_alive_field, model_field, note_request, read_json, jresp
+from ..bodies import parse_object, stream_flag
+from .common import add_route, engine_call, keep_alive_field, model_field, note_request, jresp
 from .streaming import relay_body, relay_sse
 
 
 async def _proxy(request: web.Request, path: str) -> web.StreamResponse:
     raw = await request.read()
-    body = await read_json(request)  # validated here; the raw bytes are what we send
+    body = parse_object(raw)  # validated here; the raw bytes are what we send
     name = model_field(body)
     note_request(request, name)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("stream must be a boolean")
+    stream = stream_flag(body, default=False)
     async with engine_call(request, name, path, body=raw,
                            keep_alive=keep_alive_field(body)) as call:
         if stream:
@@ -52,7 +50,8 @@ async def models(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/embeddings", embeddings)
-    app.router.add_get("/v1/models", models)
+    for method, path, handler in (("POST", "/v1/chat/completions", chat_completions),
+                                  ("POST", "/v1/completions", completions),
+                                  ("POST", "/v1/embeddings", embeddings),
+                                  ("GET", "/v1/models", models)):
+        add_route(app, method, path, handler, dialect="openai")

@@ -13,6 +13,7 @@ from aiohttp import web
 from routerd.engine import jobs, wire
 from routerd.engine.options import EngineOptions
 from routerd.engine.runner import ModelRunner, Piece
+from routerd.bodies import parse_object
 from routerd.errors import BadRequest
 
 if TYPE_CHECKING:
@@ -41,13 +42,7 @@ ENGINE = web.AppKey("engine", EngineState)
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError as exc:
-        raise BadRequest(f"invalid JSON body: {exc}") from None
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    return body
+    return parse_object(await request.read())
 
 
 # -- health and metadata -------------------------------------------------------------

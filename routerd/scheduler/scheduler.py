@@ -12,57 +12,40 @@ import contextlib
 import math
 import time
 from functools import partial
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import structlog
 
 from ..catalog import Catalog, ModelEntry
 from ..config import Config
 from ..errors import ModelFailed, ModelTooLarge, QueueFull, ShuttingDown
+from ..events import EventSink, NullEvents
+from ..metrics import Metrics, NullMetrics
 from ..workers.process import Worker, WorkerLoadError
 from ..workers.state import WorkerState
 from . import policy
 from .accounting import Accountant
-from .supervision import FailureTracker, load_in_background
+from .lifecycle import ModelState, RunnerSnapshot
+from .runner import Runner
+from .supervision import FailureTracker
 
 log = structlog.get_logger(__name__)
 
-WorkerFactory = Callable[[ModelEntry], Worker]
+# Builds the worker for an entry; the scheduler passes the exit hook it wants called.
+WorkerFactory = Callable[[ModelEntry, Callable[[Worker], None]], Worker]
 
-
-@dataclass(eq=False)
-class Runner:
-    """A loaded (or loading) model: its worker, booked bytes, slots and keep-alive."""
-
-    entry: ModelEntry
-    worker: Worker
-    need: dict[str, int]
-    estimate: dict[str, int]
-    slots: asyncio.Semaphore
-    keep_alive: float
-    refs: int = 0  # leases held or waiting for a slot
-    last_used: float = field(default_factory=time.monotonic)
-    expires_at: float | None = None  # wall clock, for /api/ps
-    timer: asyncio.TimerHandle | None = None
-    measured: dict[str, int] | None = None
-    measured_at: float = field(default_factory=time.monotonic)
-
-    @property
-    def name(self) -> str:
-        return self.entry.name
-
-    def view(self) -> policy.Loaded:
-        return policy.Loaded(name=self.name, need=self.need, in_use=self.refs,
-                             last_used=self.last_used, pinned=math.isinf(self.keep_alive))
+__all__ = ["Runner", "Scheduler", "WorkerFactory"]
 
 
 class Scheduler:
     def __init__(self, config: Config, catalog: Catalog, worker_factory: WorkerFactory,
-                 accountant: Accountant, *, metrics: Any = None,
+                 accountant: Accountant, *, metrics: Metrics | None = None,
+                 events: EventSink | None = None,
                  failures: FailureTracker | None = None) -> None:
         self.config, self.catalog, self._new_worker = config, catalog, worker_factory
-        self.acct, self.metrics = accountant, metrics
+        self.acct = accountant
+        self.metrics: Metrics = metrics if metrics is not None else NullMetrics()
+        self.events: EventSink = events if events is not None else NullEvents()
         self.failures = failures or FailureTracker()
         self.runners: dict[str, Runner] = {}
         # Evicted for the count limit alone, still exiting while the next model loads: their
@@ -73,6 +56,7 @@ class Scheduler:
         self._changed = asyncio.Condition()
         self._room_waiters = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._measuring = False
         self.waiting = 0
         self.closing = False
         self.last_logs: dict[str, list[str]] = {}  # the last worker's output, per model
@@ -128,8 +112,7 @@ class Scheduler:
 
     def _set_waiting(self, delta: int) -> None:
         self.waiting += delta
-        if self.metrics:
-            self.metrics.set_queue_depth(self.waiting)
+        self.metrics.set_queue_depth(self.waiting)
 
     def _release(self, runner: Runner, keep_alive: float | None) -> None:
         runner.refs -= 1
@@ -145,13 +128,22 @@ class Scheduler:
             self._spawn(self._notify())
 
     def _remeasure(self, runner: Runner) -> None:
-        """Workers grow as their context fills: re-measure when idle, at most every 5 s."""
+        """Workers grow as their context fills: re-measure when idle, at most every 5 s, off
+        the event loop (it walks the process tree and writes the measurements file)."""
         now = time.monotonic()
-        if now - runner.measured_at < 5.0 or not runner.worker.ready:
+        if now - runner.measured_at < 5.0 or not runner.worker.ready or self._measuring:
             return
         runner.measured_at = now
-        held = self.acct.measure(runner.entry, runner.worker, runner.estimate)
-        if held:
+        self._measuring = True
+        self._spawn(self._measure(runner))
+
+    async def _measure(self, runner: Runner) -> None:
+        try:
+            held = await asyncio.to_thread(
+                self.acct.measure, runner.entry, runner.worker, runner.estimate)
+        finally:
+            self._measuring = False
+        if held and self.runners.get(runner.name) is runner:
             runner.measured = held
             runner.need = {k: max(v, runner.need.get(k, 0)) for k, v in held.items()}
             self._publish_memory(runner)
@@ -190,6 +182,31 @@ class Scheduler:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _move(self, runner: Runner, expected: ModelState | tuple[ModelState, ...],
+              new: ModelState, **why: Any) -> bool:
+        """Advance a runner along the model lifecycle; metrics and events follow."""
+        if not runner.state.swap(expected, new):
+            return False
+        self.metrics.set_state(runner.name, new.value)
+        self.events.publish("model.state", model=runner.name, state=new.value, **why)
+        return True
+
+    # ------------------------------------------------------------------ views
+
+    def snapshot(self) -> list[RunnerSnapshot]:
+        """Every runner in the books: loaded, loading, and those still stopping."""
+        return [r.snapshot() for r in [*self.runners.values(), *self._stopping.values()]]
+
+    def model_state(self, name: str) -> ModelState:
+        runner = self.runners.get(name)
+        if runner is not None:
+            return runner.state.value
+        if name in self._loading:
+            return ModelState.LOADING
+        if self.failures.reason(name) is not None:
+            return ModelState.FAILED
+        return ModelState.NOT_LOADED
 
     # ------------------------------------------------------------------ loading
 
@@ -244,24 +261,34 @@ class Scheduler:
 
     async def _start(self, entry: ModelEntry, need: dict[str, int],
                      estimate: dict[str, int]) -> Runner:
-        worker = self._new_worker(entry)
+        worker = self._new_worker(entry, self.worker_exited)
         keep = entry.keep_alive if entry.keep_alive is not None else self.config.keep_alive
         runner = Runner(entry=entry, worker=worker, need=dict(need), estimate=dict(estimate),
                         slots=asyncio.Semaphore(entry.launch.parallel), keep_alive=keep)
         self.runners[entry.name] = runner
+        self.metrics.set_state(entry.name, ModelState.LOADING.value)
+        self.events.publish("model.state", model=entry.name, state=ModelState.LOADING.value,
+                            booked=runner.need)
         try:
             await worker.start(self.config.timeouts.load)
-        except BaseException:
-            self.runners.pop(entry.name, None)
+        except BaseException as e:
+            if self.runners.get(entry.name) is runner:
+                del self.runners[entry.name]
+            if isinstance(e, asyncio.CancelledError):
+                self._move(runner, ModelState.LOADING, ModelState.STOPPING)
+                self._move(runner, ModelState.STOPPING, ModelState.NOT_LOADED,
+                           reason="load cancelled")
+            else:
+                self._move(runner, ModelState.LOADING, ModelState.FAILED,
+                           reason=str(getattr(e, "message", e))[-500:])
             self._spawn(self._notify())
             raise
-        if self.metrics:
-            self.metrics.inc_load(entry.name)
-            self.metrics.set_state(entry.name, "ready")
-        runner.measured = self.acct.measure(entry, worker, estimate)
-        if runner.measured:
-            runner.need = dict(runner.measured)
-        self.failures.loaded(entry.name)
+        self.metrics.inc_load(entry.name)
+        measured = await asyncio.to_thread(self.acct.measure, entry, worker, estimate)
+        if measured:
+            runner.measured, runner.need = measured, dict(measured)
+        self._move(runner, ModelState.LOADING, ModelState.READY,
+                   load_seconds=round(worker.load_seconds, 3), booked=runner.need)
         self._arm_expiry(runner)  # a load with no request (preload, empty prompt) expires too
         self._publish_memory(runner)
         return runner
@@ -304,8 +331,8 @@ class Scheduler:
     async def _evict(self, runners: list[Runner], *, reason: str) -> None:
         for r in runners:
             log.info("scheduler.evicted", model=r.name, reason=reason, held=r.need)
-            if self.metrics:
-                self.metrics.inc_eviction(r.name)
+            self.metrics.inc_eviction(r.name)
+            self.events.publish("model.evicted", model=r.name, reason=reason, held=r.need)
         await asyncio.gather(*(self._unload(r, reason=reason) for r in runners))
         await self.acct.wait_released([r.worker for r in runners],
                                       self.config.memory.release_timeout)
@@ -322,8 +349,8 @@ class Scheduler:
         for r in runners:
             log.info("scheduler.evicted", model=r.name, reason="room", held=r.need,
                      overlapped=True)
-            if self.metrics:
-                self.metrics.inc_eviction(r.name)
+            self.metrics.inc_eviction(r.name)
+            self.events.publish("model.evicted", model=r.name, reason="room", held=r.need)
             if self.runners.get(r.name) is r:
                 del self.runners[r.name]
             self._stopping[id(r)] = r
@@ -343,17 +370,23 @@ class Scheduler:
         if self.runners.get(runner.name) is runner:
             del self.runners[runner.name]
         t = self.config.timeouts
-        await runner.worker.stop(drain=t.drain, kill_after=t.stop)
+        draining = ModelState.DRAINING if runner.worker.inflight else ModelState.STOPPING
+        self._move(runner, (ModelState.READY, ModelState.LOADING), draining, reason=reason)
+        await runner.worker.stop(drain=t.drain, kill_after=t.stop,
+                                 on_drained=lambda: self._move(
+                                     runner, ModelState.DRAINING, ModelState.STOPPING))
         self.last_logs[runner.name] = list(runner.worker.lines)
-        if self.metrics:
-            self.metrics.forget(runner.name)
+        self._move(runner, ModelState.DRAINING, ModelState.STOPPING)
+        self._move(runner, ModelState.STOPPING, ModelState.NOT_LOADED, reason=reason)
+        self.metrics.forget(runner.name)
         log.info("scheduler.unloaded", model=runner.name, reason=reason)
         await self._notify()
 
     def _publish_memory(self, runner: Runner) -> None:
-        if self.metrics:
-            for res, n in runner.need.items():
-                self.metrics.set_memory(runner.name, res, n)
+        for res, n in runner.need.items():
+            self.metrics.set_memory(runner.name, res, n)
+        self.events.publish("model.memory", model=runner.name, booked=runner.need,
+                            measured=runner.measured, estimate=runner.estimate)
 
     # ------------------------------------------------------------------ control
 
@@ -387,7 +420,7 @@ class Scheduler:
                 raise
             return await self._load(self.catalog.resolve(runner.name))
 
-        task = load_in_background(self, runner.name, swap, why="config-changed") \
+        task = self.load_in_background(runner.name, swap, why="config-changed") \
             if restart else None
         if task is None:
             await self._unload(runner, reason="config-changed" if restart else "config-removed")
@@ -406,14 +439,42 @@ class Scheduler:
             self.last_logs[worker.model] = list(worker.lines)
             if runner.timer:
                 runner.timer.cancel()
-            self.failures.record(worker.model, worker.failure or "engine exited")
-            if self.metrics:
-                self.metrics.inc_restart(worker.model)
-                self.metrics.forget(worker.model)
+            reason = worker.failure or "engine exited"
+            self.failures.record(worker.model, reason)
+            self._move(runner, (ModelState.READY, ModelState.DRAINING, ModelState.STOPPING),
+                       ModelState.FAILED, reason=reason[-500:], code=worker.returncode)
+            self.metrics.inc_restart(worker.model)
+            self.metrics.forget(worker.model)
             self._spawn(self._notify())
             if self.failures.reason(worker.model) is None:
-                load_in_background(self, worker.model, lambda: self._load(runner.entry),
-                                   why="worker-failed")
+                self.load_in_background(worker.model, lambda: self._load(runner.entry),
+                                        why="worker-failed")
+
+    def load_in_background(self, name: str, steps: Callable[[], Awaitable[Runner]], *,
+                           why: str) -> asyncio.Task[Runner] | None:
+        """Run `steps` as the model's one load: requests for `name` wait for it
+        (`ensure_loaded` joins the task in `_loading`) instead of starting another. None if
+        a load already runs."""
+        if name in self._loading or self.closing:
+            return None
+
+        async def run() -> Runner:
+            return await steps()
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._loading[name] = task
+
+        def done(t: asyncio.Task[Runner]) -> None:
+            if self._loading.get(name) is t:
+                del self._loading[name]
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("worker.restart_failed", model=name, why=why,
+                            error=str(t.exception()))
+
+        task.add_done_callback(done)
+        log.info("worker.restarting", model=name, why=why)
+        self.events.publish("model.restarting", model=name, why=why)
+        return task
 
     async def kill_hung(self, runner: Runner, reason: str) -> None:
         """A worker that stopped answering: SIGKILL it; its exit restarts it (worker_exited)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import aiohttp
 import structlog
@@ -18,7 +18,8 @@ import structlog
 from ..errors import ModelFailed
 
 if TYPE_CHECKING:
-    from .scheduler import Runner, Scheduler
+    from .runner import Runner
+    from .scheduler import Scheduler
 
 log = structlog.get_logger(__name__)
 
@@ -44,10 +45,8 @@ class FailureTracker:
         r.reason = reason
         log.warning("worker.failure", model=name, count=r.count, reason=reason[-500:])
 
-    def loaded(self, name: str) -> None:
-        """A successful load does not clear the count: a crash soon after still counts.
-        `healthy` (called after a request completes) clears it."""
-
+    # A successful load does not clear the count (a crash soon after still counts);
+    # `healthy`, called when a request completes, does.
     def healthy(self, name: str) -> None:
         self._records.pop(name, None)
 
@@ -85,31 +84,6 @@ class FailureTracker:
         if wait > 0:
             log.info("worker.backoff", model=name, seconds=round(wait, 3))
             await asyncio.sleep(wait)
-
-
-def load_in_background(scheduler: Scheduler, name: str,
-                       steps: Callable[[], Awaitable[Runner]], *,
-                       why: str) -> asyncio.Task[Runner] | None:
-    """Run `steps` as the model's one load: requests for `name` wait for it (`ensure_loaded`
-    joins the task in `_loading`) instead of starting another. None if a load already runs."""
-    if name in scheduler._loading or scheduler.closing:
-        return None
-
-    async def run() -> Runner:
-        return await steps()
-
-    task = asyncio.get_running_loop().create_task(run())
-    scheduler._loading[name] = task
-
-    def done(t: asyncio.Task[Runner]) -> None:
-        if scheduler._loading.get(name) is t:
-            del scheduler._loading[name]
-        if not t.cancelled() and t.exception() is not None:
-            log.warning("worker.restart_failed", model=name, why=why, error=str(t.exception()))
-
-    task.add_done_callback(done)
-    log.info("worker.restarting", model=name, why=why)
-    return task
 
 
 class Prober:

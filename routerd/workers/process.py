@@ -91,7 +91,7 @@ class Worker:
                  on_exit: Callable[[Worker], None] | None = None,
                  on_spawn: Callable[[Worker], None] | None = None) -> None:
         self.model, self._build, self._session, self.host = model, build, session, host
-        self.state = StateBox()
+        self.state: StateBox[WorkerState] = StateBox(WorkerState.STOPPED)
         # hex: a key starting with "-" would be taken for a flag by the engine's argv parser
         self.api_key = secrets.token_hex(24)
         self.port = 0
@@ -238,13 +238,17 @@ class Worker:
                                   f"{timeout:.0f}s; last output: {self.stderr_tail(5)}")
         return False
 
-    async def stop(self, *, drain: float = 30.0, kill_after: float = 10.0) -> None:
-        """Drain in-flight requests (bounded), SIGTERM the group, SIGKILL after a timeout."""
+    async def stop(self, *, drain: float = 30.0, kill_after: float = 10.0,
+                   on_drained: Callable[[], object] | None = None) -> None:
+        """Drain in-flight requests (bounded), SIGTERM the group, SIGKILL after a timeout.
+        `on_drained` is called once the drain is over, before the SIGTERM."""
         moved = self.state.swap((WorkerState.READY, WorkerState.STARTING), WorkerState.STOPPING)
         if moved and self.inflight:
             log.info("worker.draining", model=self.model, inflight=self.inflight)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), drain)
+        if on_drained is not None:
+            on_drained()
         if self.alive:
             self._signal_group(signal.SIGTERM)
             done, _ = await asyncio.wait({self._exited}, timeout=kill_after)
@@ -254,6 +258,10 @@ class Worker:
         await self._kill_group()
         self.state.swap(WorkerState.STOPPING, WorkerState.STOPPED)
         log.info("worker.stopped", model=self.model, pid=self.pid, code=self.returncode)
+
+    def kill_now(self) -> None:
+        """SIGKILL the whole group at once, without waiting (the daemon's forced exit)."""
+        self._signal_group(signal.SIGKILL)
 
     async def kill(self) -> None:
         """Immediate SIGKILL of the whole group (hung worker, forced shutdown)."""

@@ -1,12 +1,14 @@
 """Worker lifecycle: an explicit state enum, a transition table and compare-and-swap.
 
-Crash paths are in the table itself (starting → stopped when a load fails, ready → stopped
-when the process dies), so no transition ever needs to be forced.
+Crash paths are in the table itself (starting → failed when a load fails, ready → failed when
+the process dies, stopping → failed when it has to be killed), so no transition ever needs to
+be forced. `StateBox` is generic: the model lifecycle (scheduler/lifecycle.py) uses it too.
 """
 
 from __future__ import annotations
 
 import enum
+from typing import Generic, Mapping, TypeVar
 
 
 class WorkerState(enum.Enum):
@@ -34,21 +36,28 @@ def is_valid_transition(current: WorkerState, new: WorkerState) -> bool:
     return new in TRANSITIONS[current]
 
 
-class StateBox:
-    """Holds a WorkerState; `swap(expected, new)` succeeds only from `expected`."""
+S = TypeVar("S", bound=enum.Enum)
 
-    def __init__(self, initial: WorkerState = WorkerState.STOPPED) -> None:
-        self._state = initial
+
+class StateBox(Generic[S]):
+    """Holds a state; `swap(expected, new)` succeeds only from `expected`, and only along
+    the transition table (a move the table lacks raises InvalidTransition)."""
+
+    def __init__(self, initial: S | None = None,
+                 transitions: Mapping[S, frozenset[S]] | None = None) -> None:
+        self._state: S = initial if initial is not None else WorkerState.STOPPED  # type: ignore[assignment]
+        self._table: Mapping[S, frozenset[S]] = (
+            transitions if transitions is not None else TRANSITIONS)  # type: ignore[assignment]
 
     @property
-    def value(self) -> WorkerState:
+    def value(self) -> S:
         return self._state
 
-    def swap(self, expected: WorkerState | tuple[WorkerState, ...], new: WorkerState) -> bool:
+    def swap(self, expected: S | tuple[S, ...], new: S) -> bool:
         allowed = expected if isinstance(expected, tuple) else (expected,)
         if self._state not in allowed:
             return False
-        if not is_valid_transition(self._state, new):
+        if new not in self._table[self._state]:
             raise InvalidTransition(f"{self._state.value} -> {new.value}")
         self._state = new
         return True

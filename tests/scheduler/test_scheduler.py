@@ -25,7 +25,7 @@ class FakeWorker:
     def __init__(self, model: str, log: list[tuple[str, str]], *, start_delay: float = 0,
                  fail: WorkerLoadError | None = None, stop_delay: float = 0) -> None:
         self.model, self._log = model, log
-        self.state = StateBox()
+        self.state: StateBox[WorkerState] = StateBox(WorkerState.STOPPED)
         self.inflight = 0
         self.pid = 1000 + len(log)
         self.lines: list[str] = []
@@ -45,8 +45,10 @@ class FakeWorker:
             raise self.fail
         self.state.swap(WorkerState.STARTING, WorkerState.READY)
 
-    async def stop(self, *, drain: float, kill_after: float) -> None:
+    async def stop(self, *, drain: float, kill_after: float, on_drained: Any = None) -> None:
         self._log.append(("stop", self.model))
+        if on_drained is not None:
+            on_drained()
         self.state.swap((WorkerState.READY, WorkerState.STARTING), WorkerState.STOPPING)
         if self.stop_delay:  # an engine taking its time to exit
             await asyncio.sleep(self.stop_delay)
@@ -92,7 +94,7 @@ def make(sizes: dict[str, int], budget: int = 24 * GB, *, max_queue: int = 512,
     log: list[tuple[str, str]] = []
     kw = worker_kwargs or {}
 
-    def factory(entry: ModelEntry) -> FakeWorker:
+    def factory(entry: ModelEntry, on_exit: Any) -> FakeWorker:
         return FakeWorker(entry.name, log, **kw.get(entry.name, {}))
 
     s = Scheduler(config, Catalog(config), factory, FakeBooks(sizes, budget),  # type: ignore[arg-type]

@@ -1,0 +1,67 @@
+"""Request bodies: the one JSON reader every route uses (routerd's and its engine's), and the
+small field parsers shared by the dialects.
+
+Hostile JSON is a 400, decided here before anything reaches an engine: nesting deeper than
+the decoder's recursion limit, `NaN`/`Infinity` (not JSON; engines answer 5xx to them), lone UTF-16 surrogates
+(they cannot be encoded to UTF-8), integers too long to parse.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .errors import BadRequest
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_decode = json.JSONDecoder(parse_constant=_no_constants).decode
+
+
+def parse_object(raw: bytes, *, required: bool = True) -> dict[str, Any]:
+    """The request body as a JSON object, or BadRequest saying what is wrong with it."""
+    if not raw:
+        if required:
+            raise BadRequest("missing request body")
+        return {}
+    try:
+        body = _decode(raw.decode("utf-8"))
+    except RecursionError:
+        raise BadRequest("invalid JSON in request body: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"invalid JSON in request body: {e}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    if b"\\u" in raw and b"\\ud" in raw.lower() and _has_lone_surrogate(body):
+        raise BadRequest("invalid JSON in request body: a string holds a lone UTF-16 "
+                         "surrogate (not encodable as UTF-8)")
+    return body
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
+
+
+def stream_flag(body: dict[str, Any], *, default: bool) -> bool:
+    """The `stream` field: a boolean, absent or null meaning `default`."""
+    value = body.get("stream")
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise BadRequest("stream must be a boolean")
+    return value
