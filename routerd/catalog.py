@@ -67,7 +67,7 @@ def entry_from_config(m: ModelConfig, *, store: Any, llama_server: str | None) -
         model=m.name, path=path, backend=resolve_backend(m.backend, path, llama_server),
         ctx_size=m.ctx_size, parallel=m.parallel,
         gpu_layers=None if m.gpu_layers == "auto" else int(m.gpu_layers),
-        embeddings=m.embeddings, args=m.args, command=m.command)
+        embeddings=m.embeddings, args=m.args, command=m.command, gpus=m.gpus)
     return ModelEntry(
         name=m.name, launch=launch, source="config", keep_alive=m.keep_alive,
         aliases=m.aliases, options=source_extra.get("options", m.options),

@@ -57,6 +57,9 @@ class Metrics:
                             ["model", "resource"], registry=r)
         self.budget = Gauge("routerd_memory_budget_bytes", "Memory budget per resource",
                             ["resource"], registry=r)
+        self.over_booking = Gauge("routerd_vram_over_booking_bytes",
+                                  "How far a worker's measured VRAM grew past its booking",
+                                  ["model", "resource"], registry=r)
         self.state = Gauge("routerd_worker_state", "1 for the worker's current state, else 0",
                            ["model", "state"], registry=r)
         self._models: set[str] = set()
@@ -122,6 +125,10 @@ class Metrics:
     def set_budget(self, resource: str, nbytes: int) -> None:
         self.budget.labels(resource).set(nbytes)
 
+    def set_vram_over_booking(self, model: str, resource: str, nbytes: int) -> None:
+        m = self._model(model)
+        self._child(self.over_booking, m, m, resource).set(nbytes)
+
     def set_state(self, model: str, state: str) -> None:
         """Enum-style: the current state reads 1, states seen before read 0."""
         m = self._model(model)
@@ -182,6 +189,9 @@ class NullMetrics(Metrics):
         pass
 
     def set_budget(self, resource: str, nbytes: int) -> None:
+        pass
+
+    def set_vram_over_booking(self, model: str, resource: str, nbytes: int) -> None:
         pass
 
     def set_state(self, model: str, state: str) -> None:

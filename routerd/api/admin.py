@@ -61,6 +61,7 @@ async def tags(request: web.Request) -> web.Response:
 async def ps(request: web.Request) -> web.Response:
     scheduler = request.app[keys.SCHEDULER]
     models = []
+    over = scheduler.acct.over_booking()
     for r in scheduler.snapshot():
         held = r.held
         vram = sum(v for k, v in held.items() if k.startswith("gpu"))
@@ -74,13 +75,25 @@ async def ps(request: web.Request) -> web.Response:
                         "backend": r.backend, "estimate": r.estimate,
                         "measured": r.measured, "booked": r.booked, "in_use": r.in_use,
                         "inflight": r.inflight, "parallel": r.parallel,
-                        "load_seconds": round(r.load_seconds, 3)}})
+                        "load_seconds": round(r.load_seconds, 3),
+                        "gpu": _gpu_placement(r.entry.launch.placement),
+                        "vram_over_booking": over.get(r.name)}})
     failed = [{"name": n, "reason": scheduler.failed_reason(n)}
               for n in request.app[keys.CATALOG].names() if scheduler.failed_reason(n)]
     budget = scheduler.acct.budget()
     return jresp({"models": models,
                               "routerd": {"budget": budget, "failed": failed,
-                                          "queue": scheduler.waiting}})
+                                          "queue": scheduler.waiting,
+                                          "gpus": scheduler.acct.gpus(),
+                                          "vram_over_booking": over}})
+
+
+def _gpu_placement(p: Any) -> dict[str, Any] | None:
+    """Where the scheduler put the model (None: no GPU managed)."""
+    if p is None:
+        return None
+    return {"gpu_layers": p.gpu_layers, "devices": list(p.devices),
+            "tensor_split": list(p.tensor_split), "main_gpu": p.main_gpu}
 
 
 def _parameters(options: dict[str, Any]) -> str:

@@ -120,6 +120,9 @@ def load_llama(opts: EngineOptions) -> EngineLlama:
     }
     if opts.threads:
         kwargs["n_threads"] = opts.threads
+    if opts.tensor_split:
+        kwargs["tensor_split"] = list(opts.tensor_split)
+        kwargs["main_gpu"] = opts.main_gpu
     if opts.embeddings:
         kwargs["pooling_type"] = _POOLING[opts.pooling]
     llm = EngineLlama(opts.model, **kwargs)

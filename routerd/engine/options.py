@@ -10,6 +10,8 @@ import argparse
 from dataclasses import dataclass
 from typing import Sequence
 
+from routerd.config import ModelConfig
+
 POOLING = ("mean", "cls", "last", "none")
 
 
@@ -18,9 +20,11 @@ class EngineOptions:
     model: str
     host: str = "127.0.0.1"
     port: int = 8080
-    ctx_size: int = 4096
+    ctx_size: int = ModelConfig.ctx_size
     parallel: int = 1
     n_gpu_layers: int = -1
+    tensor_split: tuple[float, ...] = ()  # proportions per visible GPU; () = llama.cpp's default
+    main_gpu: int = 0
     alias: str | None = None
     api_key: str | None = None
     embeddings: bool = False
@@ -41,9 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", required=True, help="path to the GGUF file")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--ctx-size", "-c", type=int, default=4096)
+    p.add_argument("--ctx-size", "-c", type=int, default=ModelConfig.ctx_size)
     p.add_argument("--parallel", "-np", type=int, default=1, help="slots reported to clients")
     p.add_argument("--n-gpu-layers", "-ngl", type=int, default=-1)
+    p.add_argument("--tensor-split", "-ts", default="",
+                   help="proportions per GPU, e.g. 3,1 (as llama-server)")
+    p.add_argument("--main-gpu", "-mg", type=int, default=0)
     p.add_argument("--alias", "-a", default=None, help="model name in responses")
     p.add_argument("--api-key", default=None, help="required as 'Authorization: Bearer KEY'")
     p.add_argument("--embeddings", action="store_true", help="serve /v1/embeddings")
@@ -63,9 +70,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[EngineOptions, list[s
         _parser().error("--parallel must be >= 1")
     if ns.ctx_size < 0:
         _parser().error("--ctx-size must be >= 0")
+    try:
+        split = tuple(float(x) for x in ns.tensor_split.replace("/", ",").split(",") if x)
+    except ValueError:
+        _parser().error(f"--tensor-split: expected numbers like 3,1, got {ns.tensor_split!r}")
     opts = EngineOptions(
         model=ns.model, host=ns.host, port=ns.port, ctx_size=ns.ctx_size,
-        parallel=ns.parallel, n_gpu_layers=ns.n_gpu_layers, alias=ns.alias,
+        parallel=ns.parallel, n_gpu_layers=ns.n_gpu_layers, tensor_split=split,
+        main_gpu=ns.main_gpu, alias=ns.alias,
         api_key=ns.api_key or None, embeddings=ns.embeddings, pooling=ns.pooling,
         threads=ns.threads, batch_size=ns.batch_size, flash_attn=ns.flash_attn,
         lifeline_fd=ns.lifeline_fd,

@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import bisect
 import re
 import statistics
+import struct
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,9 @@ import psutil
 import structlog
 
 from routerd.store.gguf import GGUFInfo
+
+from ..config import ModelConfig
+from .gpus import GpuDevice, GpuProbe  # noqa: F401 - re-exported: their old home
 
 log = structlog.get_logger(__name__)
 
@@ -129,39 +134,96 @@ def compute_bytes(info: GGUFInfo, n_ctx_seq: int, parallel: int, *, flash_attn: 
     return graph + max(parallel, 1) * info.n_vocab * 4
 
 
-def weight_split(info: GGUFInfo, gpu_layers: int | None, gpu_count: int) -> tuple[int, int, int]:
-    """(bytes in RAM, bytes on GPUs, layers offloaded) as llama.cpp places them.
+def _f32(x: float) -> float:
+    """x rounded to a C float, as llama.cpp computes its split points."""
+    return float(struct.unpack("<f", struct.pack("<f", x))[0])
 
-    llama.cpp offloads the LAST -ngl layers (i_gpu_start = n_layer - ngl) and the
-    output head only when ngl > n_layer; token embeddings stay in RAM. None
-    means "all" (-ngl 999). Without a GPU everything is in RAM."""
+
+def offloaded(n_layer: int, gpu_layers: int | None) -> int:
+    """llama.cpp's act_gpu_layers: how many of the n_layer + 1 layers (the output layer
+    counts as one) go to the GPUs; None or negative means all (-ngl all)."""
+    if gpu_layers is None or gpu_layers < 0:
+        return n_layer + 1
+    return min(gpu_layers, n_layer + 1)
+
+
+def layer_devices(n_layer: int, gpu_layers: int | None,
+                  split: Sequence[float]) -> tuple[int | None, ...]:
+    """Where llama.cpp puts layers 0..n_layer-1 and the output layer (index n_layer): a
+    position in ``split`` (the devices it was given, in order), or None for the CPU.
+
+    The vendored llama.cpp (llama-model.cpp, load_tensors) offloads the LAST ``gpu_layers``
+    of the n_layer + 1, so the output layer goes first (i_gpu_start = n_layer + 1 - ngl);
+    over several devices it cuts them into contiguous runs at the cumulative proportions of
+    the tensor split (upper_bound of (il - i_gpu_start) / ngl). Token embeddings stay on CPU."""
+    n_dev = len(split)
+    if n_dev == 0:
+        return (None,) * (n_layer + 1)
+    ngl = offloaded(n_layer, gpu_layers)
+    start = n_layer + 1 - ngl
+    total = sum(split) or float(n_dev)
+    weights = split if sum(split) else [1.0] * n_dev
+    cum, acc = [], 0.0
+    for w in weights:
+        acc = _f32(acc + w)
+        cum.append(_f32(acc / total))
+    out: list[int | None] = []
+    for il in range(n_layer + 1):
+        if il < start:
+            out.append(None)
+            continue
+        x = _f32((il - start) / ngl)
+        out.append(min(bisect.bisect_right(cum, x), n_dev - 1))
+    return tuple(out)
+
+
+def weight_split(info: GGUFInfo, gpu_layers: int | None, gpu_count: int) -> tuple[int, int, int]:
+    """(weight bytes in RAM, weight bytes on GPUs, layers offloaded counting the output layer)
+    as the vendored llama.cpp places them (see layer_devices). Without a GPU all is in RAM."""
+    ram, per_dev, _, _ = _weights(info, layer_devices(
+        len(info.layer_bytes), gpu_layers, (1.0,) * max(gpu_count, 0)), max(gpu_count, 0))
+    n = 0 if gpu_count <= 0 else offloaded(len(info.layer_bytes), gpu_layers)
+    return ram, sum(per_dev), n
+
+
+def _weights(info: GGUFInfo, devs: Sequence[int | None],
+             n_dev: int) -> tuple[int, list[int], list[int], bool]:
+    """(RAM weight bytes, weight bytes per device, repeating layers per device, output on CPU)."""
     n_layer = len(info.layer_bytes)
-    ngl = 0 if gpu_count <= 0 else (n_layer + 1 if gpu_layers is None or gpu_layers < 0
-                                    else min(gpu_layers, n_layer + 1))
-    start = n_layer - min(ngl, n_layer)
-    gpu = sum(info.layer_bytes[start:])
-    # A tied output head is token_embd itself: counted in input_bytes already,
-    # and copied to the GPU only when the output layer is offloaded.
-    shared = max(info.input_bytes + sum(info.layer_bytes) + info.output_bytes - info.tensor_bytes, 0)
-    ram = info.input_bytes + sum(info.layer_bytes[:start])
-    if ngl > n_layer:
-        gpu += info.output_bytes
-    else:
+    per_dev, layers = [0] * n_dev, [0] * n_dev
+    ram = info.input_bytes
+    for il, b in enumerate(info.layer_bytes):
+        d = devs[il]
+        if d is None:
+            ram += b
+        else:
+            per_dev[d] += b
+            layers[d] += 1
+    # A tied output head is token_embd itself: counted in input_bytes already, and copied
+    # to the GPU only when the output layer is offloaded.
+    shared = max(info.input_bytes + sum(info.layer_bytes) + info.output_bytes
+                 - info.tensor_bytes, 0)
+    out_dev = devs[n_layer]
+    if out_dev is None:
         ram += info.output_bytes - shared
-    return ram, gpu, min(ngl, n_layer)
+    else:
+        per_dev[out_dev] += info.output_bytes
+    return ram, per_dev, layers, out_dev is None
 
 
 def estimate(info: GGUFInfo, *, ctx_size: int, parallel: int, gpu_layers: int | None,
              gpu_count: int, cache_type_k: str = "f16", cache_type_v: str = "f16",
-             backend: str, flash_attn: bool | None = None, ubatch: int = UBATCH) -> Estimate:
+             backend: str, flash_attn: bool | None = None, ubatch: int = UBATCH,
+             split: Sequence[float] | None = None) -> Estimate:
     """Expected resident memory of one worker once loaded and warmed up.
 
-    ctx_size 0 means the model's trained context, as llama-server does."""
+    ctx_size 0 means the model's trained context, as llama-server does. ``split`` is the
+    tensor split over the ``gpu_count`` devices (proportions; None = even)."""
     fa = FLASH_ATTN_DEFAULT.get(backend, True) if flash_attn is None else flash_attn
     # routerd's own worker runs one llama.cpp sequence whatever -np says; its
     # graph is reserved for logits of every ubatch token (see compute_bytes).
     seqs = 1 if backend in ONE_SEQUENCE else parallel
-    cells, per_seq = kv_cells(ctx_size or info.context_length or 4096, seqs)
+    cells, per_seq = kv_cells(ctx_size or info.context_length or ModelConfig.ctx_size, seqs)
     kv = kv_bytes(info, cells, cache_type_k, cache_type_v)
     # GPU buffers are allocated in full; in RAM only touched pages count, and the
     # Python worker's reserved logits for a whole ubatch are never written (it
@@ -170,41 +232,59 @@ def estimate(info: GGUFInfo, *, ctx_size: int, parallel: int, gpu_layers: int | 
     compute_gpu = compute_bytes(info, per_seq, seqs, flash_attn=fa, ubatch=ubatch,
                                 n_outputs=seqs if backend == "llama-server" else ubatch)
     overhead = OVERHEAD.get(backend, DEFAULT_OVERHEAD)
-    w_ram, w_gpu, ngl = weight_split(info, gpu_layers, gpu_count)
+    n_dev = max(gpu_count, 0) if split is None else len(split)
+    shares = tuple(split) if split is not None else (1.0,) * n_dev
+    n_layer = len(info.layer_bytes)
+    devs = layer_devices(n_layer, gpu_layers if n_dev else 0, shares)
+    w_ram, w_dev, layers, _ = _weights(info, devs, n_dev)
     ram = w_ram + overhead
-    per_gpu: tuple[int, ...] = ()
-    if gpu_count > 0 and ngl > 0:
-        kv_gpu = kv * ngl // max(info.n_layer, 1)  # KV lives with its layer (offload_kqv)
-        host_compute = ubatch * 4 * 2 * info.n_embd + seqs * info.n_vocab * 4
-        ram += kv - kv_gpu + host_compute
-        share = (w_gpu + kv_gpu) // gpu_count
-        per_gpu = tuple(share + compute_gpu + GPU_CONTEXT for _ in range(gpu_count))
+    if n_dev > 0 and any(d is not None for d in devs):
+        kv_dev = [kv * n // max(n_layer, 1) for n in layers]  # KV lives with its layer
+        ram += kv - sum(kv_dev)
+        # The host keeps the embeddings' scratch and the output buffer; layers left on the
+        # CPU need the CPU graph too.
+        cpu_layers = n_layer - sum(layers)
+        ram += compute_ram if cpu_layers else ubatch * 4 * 2 * info.n_embd + seqs * info.n_vocab * 4
+        per_gpu = tuple(w + k + compute_gpu + GPU_CONTEXT for w, k in zip(w_dev, kv_dev))
         compute = compute_gpu
     else:
-        # -ngl 0 with a GPU build still creates a CUDA context on each device.
-        per_gpu = tuple(GPU_CONTEXT for _ in range(gpu_count))
+        # -ngl 0 with a GPU build still creates a CUDA context on each device it sees.
+        per_gpu = tuple(GPU_CONTEXT for _ in range(n_dev))
         ram += kv + compute_ram
         compute = compute_ram
-    return Estimate(ram=ram, vram=sum(per_gpu), weights=w_ram + w_gpu, kv=kv,
+    return Estimate(ram=ram, vram=sum(per_gpu), weights=w_ram + sum(w_dev), kv=kv,
                     compute=compute, overhead=overhead, per_gpu=per_gpu)
 
 
-def max_gpu_layers(info: GGUFInfo, vram_per_gpu: int, *, ctx_size: int, parallel: int,
-                   gpu_count: int, backend: str, cache_type_k: str = "f16",
-                   cache_type_v: str = "f16") -> int:
-    """The most layers (n_layer + 1 = all, output head included) whose estimate fits
-    ``vram_per_gpu`` on every GPU; 0 when not even one layer fits ("gpu_layers: auto")."""
+def max_gpu_layers(info: GGUFInfo, vram_per_gpu: int | Sequence[int], *, ctx_size: int,
+                   parallel: int, gpu_count: int, backend: str, cache_type_k: str = "f16",
+                   cache_type_v: str = "f16", split: Sequence[float] | None = None,
+                   booked: Callable[[Estimate, int], Sequence[int]] | None = None) -> int:
+    """``gpu_layers: auto``: the most layers (n_layer + 1 = all, output layer included) whose
+    estimate fits every GPU's room (one figure for all, or one per device); 0 when not even
+    one fits. ``booked`` turns an estimate for ngl layers into the bytes per GPU to book
+    (the placement's measured correction); by default the estimate itself. The figure grows
+    with every layer, so a binary search finds it."""
     if gpu_count <= 0:
         return 0
-    best = 0
-    for ngl in range(1, info.n_layer + 2):
+    rooms = ([vram_per_gpu] * gpu_count if isinstance(vram_per_gpu, int)
+             else list(vram_per_gpu))
+
+    def fits(ngl: int) -> bool:
         e = estimate(info, ctx_size=ctx_size, parallel=parallel, gpu_layers=ngl,
                      gpu_count=gpu_count, backend=backend, cache_type_k=cache_type_k,
-                     cache_type_v=cache_type_v)
-        if max(e.per_gpu, default=0) > vram_per_gpu:
-            break
-        best = ngl
-    return best
+                     cache_type_v=cache_type_v, split=split)
+        per_gpu = booked(e, ngl) if booked is not None else e.per_gpu
+        return all(n <= room for n, room in zip(per_gpu, rooms))
+
+    lo, hi = 0, len(info.layer_bytes) + 1  # fits(lo) is assumed; find the largest
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 # --- engine logs ---------------------------------------------------------------------
@@ -280,70 +360,6 @@ class RamProbe:
         if limit and current is not None:
             avail = min(avail, max(limit - current, 0))
         return avail
-
-
-@dataclass(frozen=True)
-class GpuDevice:
-    index: int
-    name: str
-    total: int
-    used: int
-    free: int
-
-
-class GpuProbe:
-    """NVIDIA GPUs through NVML; no NVML, no driver or any NVML error: no devices."""
-
-    def __init__(self) -> None:
-        self._nvml = None
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-        except Exception as e:  # NVMLError_LibraryNotFound, DriverNotLoaded, ImportError
-            log.info("gpu.probe_unavailable", reason=str(e) or type(e).__name__)
-
-    def devices(self) -> list[GpuDevice]:
-        nv = self._nvml
-        if nv is None:
-            return []
-        try:
-            out = []
-            for i in range(nv.nvmlDeviceGetCount()):
-                h = nv.nvmlDeviceGetHandleByIndex(i)
-                mem = nv.nvmlDeviceGetMemoryInfo(h)
-                name = nv.nvmlDeviceGetName(h)
-                name = name.decode() if isinstance(name, bytes) else str(name)
-                out.append(GpuDevice(i, name, int(mem.total), int(mem.used), int(mem.free)))
-            return out
-        except Exception as e:
-            log.warning("gpu.probe_failed", error=str(e))
-            return []
-
-    def process_vram(self, pids: set[int]) -> int:
-        """VRAM used by these processes on all GPUs (0 where the driver hides it)."""
-        nv = self._nvml
-        if nv is None or not pids:
-            return 0
-        total = 0
-        try:
-            for i in range(nv.nvmlDeviceGetCount()):
-                h = nv.nvmlDeviceGetHandleByIndex(i)
-                for p in nv.nvmlDeviceGetComputeRunningProcesses(h):
-                    if p.pid in pids and p.usedGpuMemory:
-                        total += int(p.usedGpuMemory)
-        except Exception as e:
-            log.warning("gpu.process_vram_failed", error=str(e))
-        return total
-
-    def close(self) -> None:
-        if self._nvml is not None:
-            try:
-                self._nvml.nvmlShutdown()
-            except Exception:
-                pass
-            self._nvml = None
 
 
 def measure_tree(pid: int) -> int:

@@ -241,7 +241,10 @@ class Scheduler:
             if current is not None and current.worker.ready:
                 return current
             await self.failures.backoff(entry.name)
-            need, estimate = self.acct.need(entry)
+            # Placed against the other models' bookings (per GPU: where it goes, how many
+            # layers); the accountant keeps the placement for the launch below.
+            others = [r.view() for r in self.runners.values() if r.name != entry.name]
+            need, estimate = self.acct.need(entry, others, self._stopping_need())
             budget = self.acct.budget()
             if not policy.fits_at_all(need, budget):
                 raise ModelTooLarge(f"model {entry.name!r} cannot be loaded: "
@@ -261,6 +264,7 @@ class Scheduler:
 
     async def _start(self, entry: ModelEntry, need: dict[str, int],
                      estimate: dict[str, int]) -> Runner:
+        entry = self.acct.launch(entry)  # with its GPU placement (-ngl, devices, split)
         worker = self._new_worker(entry, self.worker_exited)
         keep = entry.keep_alive if entry.keep_alive is not None else self.config.keep_alive
         runner = Runner(entry=entry, worker=worker, need=dict(need), estimate=dict(estimate),
@@ -385,6 +389,8 @@ class Scheduler:
     def _publish_memory(self, runner: Runner) -> None:
         for res, n in runner.need.items():
             self.metrics.set_memory(runner.name, res, n)
+        for res, n in self.acct.over_booking().get(runner.name, {}).items():
+            self.metrics.set_vram_over_booking(runner.name, res, n)
         self.events.publish("model.memory", model=runner.name, booked=runner.need,
                             measured=runner.measured, estimate=runner.estimate)
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ..config import ModelConfig
 from ..errors import RouterdError
 
 
@@ -18,24 +19,48 @@ class BackendError(RouterdError):
 
 
 @dataclass(frozen=True)
+class GpuAssignment:
+    """Where the scheduler placed a model on the GPUs, decided at load time.
+
+    The engine sees only ``devices`` (CUDA_VISIBLE_DEVICES, in NVML's PCI bus order), so
+    ``main_gpu`` and the entries of ``tensor_split`` are positions in that tuple."""
+
+    gpu_layers: int  # -ngl: of the n_layer + 1 layers (output included), how many go to GPUs
+    devices: tuple[int, ...] = ()  # NVML indices; () = none: the engine sees no GPU
+    tensor_split: tuple[float, ...] = ()  # proportions per device when there are several
+    main_gpu: int = 0
+
+    def env(self) -> dict[str, str]:
+        return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+                "CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in self.devices)}
+
+    def split_arg(self) -> str:
+        return ",".join(f"{x:g}" for x in self.tensor_split)
+
+
+@dataclass(frozen=True)
 class LaunchSpec:
     """Everything the spawner needs, fully resolved."""
 
     model: str  # routerd's model name
     path: str  # the .gguf / llamafile file (may be "" for a command backend)
     backend: str  # llama-server | llamafile | llama-cpp-python | command
-    ctx_size: int = 4096
+    ctx_size: int = ModelConfig.ctx_size
     parallel: int = 1
     gpu_layers: int | None = None  # None = engine default / auto
     embeddings: bool = True
     args: tuple[str, ...] = ()
     command: tuple[str, ...] = ()
     projector: str | None = None
+    gpus: tuple[int, ...] | None = None  # `gpu: N` / `gpus: [..]`: only these; None = any
+    # Set by the scheduler for the load it starts (not part of the model's identity):
+    # None = routerd manages no GPU, the engine's own default applies.
+    placement: GpuAssignment | None = None
 
     def identity(self) -> tuple:
         """What, if changed, means the worker must be restarted (config reload)."""
         return (self.path, self.backend, self.ctx_size, self.parallel, self.gpu_layers,
-                self.embeddings, self.args, self.command, self.projector)
+                self.embeddings, self.args, self.command, self.projector, self.gpus)
 
 
 @dataclass(frozen=True)
@@ -86,19 +111,21 @@ def build_argv(spec: LaunchSpec, *, host: str, port: int, api_key: str,
         if not llama_server:
             raise BackendError("backend llama-server: no llama-server binary found "
                                "(set engines.llama_server or run make install)")
-        return Argv([llama_server, "-m", spec.path, *_server_flags(spec, host, port, api_key)])
+        return Argv([llama_server, "-m", spec.path, *_server_flags(spec, host, port, api_key)],
+                    env=_gpu_env(spec))
     if spec.backend == "llamafile":
         # APE executables run through sh, which works whatever binfmt_misc says.
         return Argv(["sh", spec.path, "--server", "--nobrowser",
-                     *_server_flags(spec, host, port, api_key, modern=False)])
+                     *_server_flags(spec, host, port, api_key, modern=False)],
+                    env=_gpu_env(spec))
     if spec.backend == "llama-cpp-python":
         argv = [sys.executable, "-m", "routerd.engine", "--model", spec.path,
                 "--host", host, "--port", str(port), "--ctx-size", str(spec.ctx_size),
                 "--parallel", str(spec.parallel), "--alias", spec.model, "--api-key", api_key,
-                "--n-gpu-layers", str(-1 if spec.gpu_layers is None else spec.gpu_layers)]
+                "--n-gpu-layers", _ngl(spec, "-1"), *_split_flags(spec)]
         if spec.embeddings:
             argv.append("--embeddings")
-        return Argv([*argv, *spec.args], lifeline_flag=True)
+        return Argv([*argv, *spec.args], env=_gpu_env(spec), lifeline_flag=True)
     if spec.backend == "command":
         subst = {"port": str(port), "host": host, "api_key": api_key, "model": spec.path,
                  "name": spec.model, "ctx_size": str(spec.ctx_size),
@@ -122,12 +149,35 @@ def _server_flags(spec: LaunchSpec, host: str, port: int, api_key: str, *,
         # What runs must match what the budget booked: no engine-side auto-fitting, every
         # layer offloaded when a GPU exists (gpu_layers: auto), and no prompt cache growing
         # in RAM outside the estimate (llama-server defaults to up to 8 GiB).
-        flags += ["--no-webui", "--fit", "off", "--cache-ram", "0",
-                  "-ngl", "all" if spec.gpu_layers is None else str(spec.gpu_layers)]
-    elif spec.gpu_layers is not None:
-        flags += ["-ngl", str(spec.gpu_layers)]
+        flags += ["--no-webui", "--fit", "off", "--cache-ram", "0", "-ngl", _ngl(spec, "all")]
+    elif spec.placement is not None or spec.gpu_layers is not None:
+        flags += ["-ngl", _ngl(spec, "999")]
+    flags += _split_flags(spec)
     if spec.embeddings:
         flags += ["--embedding", "--pooling", "mean"]
     if spec.projector:
         flags += ["--mmproj", spec.projector]
     return [*flags, *spec.args]
+
+
+def _ngl(spec: LaunchSpec, all_layers: str) -> str:
+    """-ngl: the placement's count; without one (no GPU routerd can see) the configured
+    number, or every layer for gpu_layers: auto (the engine offloads to what it finds)."""
+    if spec.placement is not None:
+        return str(spec.placement.gpu_layers)
+    return all_layers if spec.gpu_layers is None else str(spec.gpu_layers)
+
+
+def _split_flags(spec: LaunchSpec) -> list[str]:
+    """--tensor-split and --main-gpu when a model is split over several GPUs (the same flag
+    names in llama-server, llamafile and routerd's own worker)."""
+    p = spec.placement
+    if p is None or len(p.devices) < 2:
+        return []
+    return ["--tensor-split", p.split_arg(), "--main-gpu", str(p.main_gpu)]
+
+
+def _gpu_env(spec: LaunchSpec) -> dict[str, str]:
+    """The devices the engine may use. CUDA_VISIBLE_DEVICES works the same for every
+    backend (llama-server's --device names differ per build and fail on a CPU build)."""
+    return spec.placement.env() if spec.placement is not None else {}

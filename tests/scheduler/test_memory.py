@@ -97,15 +97,19 @@ def test_weights_all_in_ram_without_gpu() -> None:
     assert weight_split(untied(), None, 0) == (96_576_768 + EMBD, 0, 0)
 
 
-def test_llama_cpp_offloads_the_last_layers_then_the_output() -> None:
+def test_llama_cpp_offloads_the_output_layer_then_the_last_layers() -> None:
+    # The vendored llama.cpp: i_gpu_start = n_layer + 1 - ngl, the output layer is layer n_layer.
     info = smollm2()
-    assert weight_split(info, 10, 1) == (EMBD + 2304 + 20 * LAYER, 10 * LAYER, 10)
-    assert weight_split(info, 30, 1) == (EMBD + 2304, 30 * LAYER, 30)  # output stays on CPU
-    full = (EMBD, 30 * LAYER + EMBD + 2304, 30)  # tied head copied to the GPU
+    head = EMBD + 2304  # tied: token_embd copied to the GPU with the output norm
+    assert weight_split(info, 1, 1) == (EMBD + 30 * LAYER, head, 1)
+    assert weight_split(info, 10, 1) == (EMBD + 21 * LAYER, 9 * LAYER + head, 10)
+    assert weight_split(info, 30, 1) == (EMBD + LAYER, 29 * LAYER + head, 30)
+    full = (EMBD, 30 * LAYER + head, 31)
     assert weight_split(info, 31, 1) == full
     assert weight_split(info, None, 1) == full and weight_split(info, -1, 2) == full
     assert weight_split(info, 999, 1) == full
-    assert weight_split(untied(), 30, 1) == (EMBD * 2 + 2304, 30 * LAYER, 30)
+    assert weight_split(info, 0, 1) == (EMBD + 30 * LAYER + 2304, 0, 0)
+    assert weight_split(untied(), 30, 1) == (EMBD + LAYER, 29 * LAYER + EMBD + 2304, 30)
 
 
 def test_cpu_estimate_adds_up() -> None:
@@ -155,7 +159,10 @@ def test_gpu_estimate_splits_over_devices() -> None:
     assert one.vram == 30 * LAYER + EMBD + 2304 + 45 * MiB + one.compute + GPU_CONTEXT
     two = estimate(info, ctx_size=2048, parallel=1, gpu_layers=None, gpu_count=2,
                    backend="llama-server")
-    assert len(two.per_gpu) == 2 and two.per_gpu[0] == two.per_gpu[1]
+    # An even split of 31 layers: 0-15 on the first device, 16-29 and the output on the second.
+    kv = 45 * MiB // 30
+    assert two.per_gpu == (16 * LAYER + 16 * kv + two.compute + GPU_CONTEXT,
+                           14 * LAYER + EMBD + 2304 + 14 * kv + two.compute + GPU_CONTEXT)
     assert two.vram == sum(two.per_gpu) and two.vram > one.vram  # contexts and compute per GPU
     assert two.need([0, 3]) == {"ram": two.ram, "gpu0": two.per_gpu[0], "gpu3": two.per_gpu[1]}
 
@@ -164,8 +171,8 @@ def test_partial_offload_keeps_kv_of_cpu_layers_in_ram() -> None:
     info = smollm2()
     half = estimate(info, ctx_size=2048, parallel=1, gpu_layers=15, gpu_count=1,
                     backend="llama-server")
-    assert half.ram > EMBD + 15 * LAYER + 45 * MiB // 2
-    assert half.vram == 15 * LAYER + 45 * MiB // 2 + half.compute + GPU_CONTEXT
+    assert half.ram > EMBD + 16 * LAYER + 45 * MiB * 16 // 30
+    assert half.vram == 14 * LAYER + EMBD + 2304 + 45 * MiB * 14 // 30 + half.compute + GPU_CONTEXT
     none = estimate(info, ctx_size=2048, parallel=1, gpu_layers=0, gpu_count=1,
                     backend="llama-server")
     assert none.per_gpu == (GPU_CONTEXT,) and none.ram >= 96_576_768 + 45 * MiB

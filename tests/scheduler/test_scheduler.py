@@ -69,9 +69,16 @@ class FakeBooks:
     def __init__(self, sizes: dict[str, int], budget: int) -> None:
         self.sizes, self._budget = sizes, budget
 
-    def need(self, entry: ModelEntry) -> tuple[dict[str, int], dict[str, int]]:
+    def need(self, entry: ModelEntry, loaded: Any = None,
+             reserved: Any = None) -> tuple[dict[str, int], dict[str, int]]:
         n = {"ram": self.sizes.get(entry.name, GB)}
         return n, dict(n)
+
+    def launch(self, entry: ModelEntry) -> ModelEntry:
+        return entry
+
+    def over_booking(self) -> dict[str, dict[str, int]]:
+        return {}
 
     def budget(self) -> dict[str, int]:
         return {"ram": self._budget}
