@@ -12,7 +12,8 @@ from aiohttp import web
 from . import keys
 from .api import admin, native, ollama, openai
 from .api import models as store_routes
-from .api import security
+from .api import security, ui
+from .activity import activity_middleware
 from .api.common import MODEL_CHECK, MODEL_NAME, error_middleware
 from .catalog import Catalog, ModelEntry
 from .metrics import route_label
@@ -121,7 +122,7 @@ def make_app(config: Config, *, accountant: Accountant | None = None,
     keyring = security.keyring_from_config(config)
     app = web.Application(
         middlewares=[error_middleware, *security.security_middlewares(config, keyring),
-                     metrics_middleware],
+                     metrics_middleware, activity_middleware],
         client_max_size=security.client_max_size(config))
     app[keys.CONFIG] = config
     app[keys.EVENTS] = EventBus()
@@ -137,6 +138,7 @@ def make_app(config: Config, *, accountant: Accountant | None = None,
     native.add_routes(app)
     admin.add_routes(app)
     store_routes.add_routes(app)
+    ui.add_routes(app)  # /ui/, /api/ui/*, /api/events; its context runs after the scheduler's
     app.on_response_prepare.append(security.cors_response_hook(config))
     security.warn_if_exposed(config, keyring, log)
     return app

@@ -13,7 +13,7 @@ import collections
 import contextlib
 import itertools
 import time
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 
 class EventSink(Protocol):
@@ -32,6 +32,12 @@ class Subscription:
         self._queue: collections.deque[dict[str, Any]] = collections.deque(maxlen=maxlen)
         self._ready = asyncio.Event()
         self.dropped = 0
+        self.closed = False
+
+    def close(self) -> None:
+        """Wake the reader for good: `get` answers None from now on once the queue is empty."""
+        self.closed = True
+        self._ready.set()
 
     def put(self, event: dict[str, Any]) -> None:
         if len(self._queue) == self._queue.maxlen:
@@ -42,6 +48,8 @@ class Subscription:
     async def get(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The next event, or None when `timeout` passes first."""
         if not self._queue:
+            if self.closed:
+                return None
             self._ready.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._ready.wait(), timeout)
@@ -55,13 +63,39 @@ class EventBus:
         self._subs: set[Subscription] = set()
         self._seq = itertools.count(1)
         self._queue = queue
+        self.closed = False
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=history)
 
     def publish(self, type: str, **fields: Any) -> None:
-        event = {"id": next(self._seq), "type": type, "time": time.time(), **fields}
-        self.recent.append(event)
-        for sub in self._subs:
-            sub.put(event)
+        try:
+            event = {**fields, "id": next(self._seq), "type": type, "time": time.time()}
+            self.recent.append(event)
+            for sub in self._subs:
+                sub.put(event)
+            for fn in self._listeners:
+                try:
+                    fn(event)
+                except Exception:  # noqa: BLE001 - one consumer's bug is not the publisher's
+                    pass
+        except Exception:  # noqa: BLE001 - a publisher must never fail for its audience
+            pass
+
+    def listen(self, fn: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        """An in-process consumer, called inside publish (so it must be quick and must not
+        block); not counted as a subscriber. Returns the function that removes it."""
+        self._listeners.append(fn)
+        return lambda: self._listeners.remove(fn) if fn in self._listeners else None
+
+    @property
+    def last_id(self) -> int:
+        return self.recent[-1]["id"] if self.recent else 0
+
+    def close(self) -> None:
+        """Shutting down: every subscription's reader wakes and sees `closed`."""
+        self.closed = True
+        for sub in list(self._subs):
+            sub.close()
 
     @property
     def subscribers(self) -> int:
@@ -70,6 +104,8 @@ class EventBus:
     @contextlib.contextmanager
     def subscribe(self) -> Iterator[Subscription]:
         sub = Subscription(self._queue)
+        if self.closed:
+            sub.close()
         self._subs.add(sub)
         try:
             yield sub

@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import keys
+from ..activity import note_usage
 from ..catalog import with_load_options
 from ..errors import BadRequest
 from ..bodies import stream_flag
@@ -44,6 +45,7 @@ async def _load_or_unload(request: web.Request, name: str, keep_alive: float | N
 
 
 def _counted(request: web.Request, out: dict[str, Any]) -> web.Response:
+    note_usage(request, out)
     metrics = request.app.get(keys.METRICS)
     if metrics is not None:
         metrics.add_tokens(out["model"], out.get("prompt_eval_count", 0),

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
+from ..activity import note, note_call, note_usage
 from ..dispatch import Call, StreamBroken
 from .translate import sse as sse_codec
 from .translate.ollama_response import error_chunk_ollama
@@ -63,17 +64,23 @@ async def relay_sse(request: web.Request, call: Call, *,
     stream), else end it with `error_event`."""
     resp = web.StreamResponse(status=call.response.status, headers=_SSE_HEADERS)
     await resp.prepare(request)
-    tail = b""
+    note_call(request, call)
+    tail = stats = b""
     try:
         async for chunk in call.chunks():
             await resp.write(chunk)
             tail = _keep_tail(tail, chunk)
+            if b'"timings"' in chunk or b'"usage"' in chunk:
+                stats = chunk  # the engine's token counts, for the activity log
+        note_usage(request, stats)
         if not finished(tail):
             await resp.write(error_event(await call.ended_early()))
     except StreamBroken as e:
         if _client_gone(request):
             raise e.cause from None
-        await resp.write(error_event(await call.broken(e)))
+        why = await call.broken(e)
+        note(request, error=why)
+        await resp.write(error_event(why))
     await resp.write_eof()
     return resp
 
@@ -90,6 +97,7 @@ async def relay_translated(request: web.Request, call: Call, stream: Any,
     """Other dialect: decode the engine's SSE, feed the converter, write NDJSON lines."""
     resp = web.StreamResponse(status=200, headers=_NDJSON_HEADERS)
     await resp.prepare(request)
+    note_call(request, call)
     decoder = sse_codec.SSEDecoder()
     try:
         done = False
@@ -100,13 +108,17 @@ async def relay_translated(request: web.Request, call: Call, stream: Any,
         if not done:
             raise _InBand(await call.ended_early())
         final = stream.finish(load_ns=call.load_ns, total_ns=call.total_ns())
+        note_usage(request, final)
         await resp.write(encode(final))
     except _InBand as e:
+        note(request, error=str(e))
         await resp.write(encode(error_chunk_ollama(str(e))))
     except StreamBroken as e:
         if _client_gone(request):
             raise e.cause from None
-        await resp.write(encode(error_chunk_ollama(await call.broken(e))))
+        why = await call.broken(e)
+        note(request, error=why)
+        await resp.write(encode(error_chunk_ollama(why)))
     await resp.write_eof()
     return resp
 
