@@ -8,7 +8,6 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -16,6 +15,7 @@ import aiohttp
 from . import capacity, client, procs, profiling, real, report
 from .quiet import GATE
 from .results import Row
+from .run import Run
 
 SCENARIOS = ("converters", "warm", "stream", "concurrency", "swap", "cold", "capacity",
              "footprint")
@@ -75,26 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-@dataclass
-class Run:
-    args: argparse.Namespace
-    workdir: Path
-    rows: list[Row] = field(default_factory=list)
-    load: report.LoadWatch = field(default_factory=report.LoadWatch)
-    profiles: dict[str, profiling.Top | None] = field(default_factory=dict)
-    argv_notes: list[str] = field(default_factory=list)
-
-    def want(self, name: str) -> bool:
-        return name in self.args.only
-
-    def add(self, rows: list[Row]) -> None:
-        self.rows += rows
-        for r in rows:
-            print(report.table([r]).splitlines()[-1], flush=True)
-
-
 def converters(run: Run) -> None:
-    from routerd.api.translate.bench import bench as translate_bench
+    from .translate import bench as translate_bench
 
     reps = 3 if run.args.quick else 7
     n = 2_000 if run.args.quick else 20_000

@@ -10,7 +10,7 @@ from .quiet import GATE
 from .results import Row, fmt_compare, fmt_value
 
 if TYPE_CHECKING:
-    from .__main__ import Run
+    from .run import Run
 
 NOTES = Path(__file__).with_name("notes.md")
 

@@ -10,8 +10,8 @@ import structlog
 from aiohttp import web
 
 from . import keys
-from .api import admin, native, ollama, openai
-from .api import models as store_routes
+from .api import admin, anthropic, native, ollama, openai, responses
+from .api import manage as store_routes
 from .api import security, ui
 from .activity import activity_middleware
 from .api.common import MODEL_CHECK, MODEL_NAME, error_middleware
@@ -135,6 +135,8 @@ def make_app(config: Config, *, accountant: Accountant | None = None,
                             store_routes.store_context, scheduler_context])
     ollama.add_routes(app)
     openai.add_routes(app)
+    anthropic.add_routes(app)
+    responses.add_routes(app)
     native.add_routes(app)
     admin.add_routes(app)
     store_routes.add_routes(app)

@@ -11,13 +11,16 @@ import datetime as dt
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import structlog
 
 from .config import Config, ModelConfig
 from .errors import ModelNotFound
 from .workers.backends import LaunchSpec, resolve_backend
+
+if TYPE_CHECKING:
+    from .store.store import Store
 
 log = structlog.get_logger(__name__)
 
@@ -75,7 +78,8 @@ def entry_from_config(m: ModelConfig, *, store: Any, llama_server: str | None) -
         preload=m.preload, size=size, modified_at=mtime, location=path or " ".join(m.command))
 
 
-def entry_from_store(sm: Any, *, llama_server: str | None, ctx_size: int = 4096) -> ModelEntry:
+def entry_from_store(sm: Any, *, llama_server: str | None,
+                     ctx_size: int = ModelConfig.ctx_size) -> ModelEntry:
     params = dict(sm.params or {})
     num_ctx = params.pop("num_ctx", None)
     launch = LaunchSpec(
@@ -119,7 +123,8 @@ def with_load_options(entry: ModelEntry, options: Mapping[str, Any]) -> ModelEnt
 class Catalog:
     """Name → ModelEntry, rebuilt by `refresh()` (start, SIGHUP, pull, delete)."""
 
-    def __init__(self, config: Config, *, store: Any = None, llama_server: str | None = None,
+    def __init__(self, config: Config, *, store: Store | None = None,
+                 llama_server: str | None = None,
                  discovered: Callable[[], Iterable[ModelEntry]] | None = None) -> None:
         self.config, self.store, self.llama_server = config, store, llama_server
         self._discovered = discovered

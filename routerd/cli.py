@@ -145,8 +145,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> int:
-    from . import client
-    from .store import progress
+    from .client import api as client
+    from .client import progress
 
     base = client.resolve_base()
     cmd = args.cmd

@@ -281,7 +281,7 @@ def _parse_model(name: str, data: Any, file: str | None) -> ModelConfig:
         raise ConfigError(f"models.{name}", "invalid model name", file)
     try:
         r = _Reader(data or {}, key, _MODEL_KEYS)
-        backend = r.get("backend", str, "auto")
+        backend = r.get("backend", str, ModelConfig.backend)
         if backend not in BACKENDS:
             raise ConfigError(r.key("backend"), f"must be one of {', '.join(BACKENDS)}")
         command = r.strings("command", ())
@@ -290,7 +290,7 @@ def _parse_model(name: str, data: Any, file: str | None) -> ModelConfig:
         model = r.get("model", str, None)
         if not model and backend != "command":
             raise ConfigError(r.key("model"), "required: a .gguf path, a pulled name or a llamafile")
-        gpu_layers = r.get("gpu_layers", (int, str), "auto")
+        gpu_layers = r.get("gpu_layers", (int, str), ModelConfig.gpu_layers)
         if isinstance(gpu_layers, str) and gpu_layers != "auto":
             raise ConfigError(r.key("gpu_layers"), "must be an integer or 'auto'")
         pinned = _parse_gpu_pin(r)
@@ -302,17 +302,17 @@ def _parse_model(name: str, data: Any, file: str | None) -> ModelConfig:
             name=name,
             model=model or "",
             backend=backend,
-            ctx_size=r.positive_int("ctx_size", 4096, 16),
-            parallel=r.positive_int("parallel", 1),
+            ctx_size=r.positive_int("ctx_size", ModelConfig.ctx_size, 16),
+            parallel=r.positive_int("parallel", ModelConfig.parallel),
             gpu_layers=gpu_layers,
             keep_alive=keep_alive,
             aliases=aliases,
             args=r.strings("args", ()),
             command=command,
-            preload=r.get("preload", bool, False),
+            preload=r.get("preload", bool, ModelConfig.preload),
             options=dict(r.get("options", dict, {})),
             system=r.get("system", str, None),
-            embeddings=r.get("embeddings", bool, True),
+            embeddings=r.get("embeddings", bool, ModelConfig.embeddings),
             gpus=pinned,
         )
     except ConfigError as e:
@@ -358,8 +358,10 @@ def parse_config(data: Mapping[str, Any] | None, file: str | None = None) -> Con
         memory = MemoryConfig(
             ram_budget=Budget.parse(mem.get("ram_budget", "75%"), "memory.ram_budget"),
             gpus=gpus,
-            gpu_reserve=parse_size(mem.get("gpu_reserve", "512MiB"), "memory.gpu_reserve"),
-            release_timeout=float(mr.get("release_timeout", (int, float), 10.0)),
+            gpu_reserve=parse_size(mem.get("gpu_reserve", MemoryConfig.gpu_reserve),
+                                   "memory.gpu_reserve"),
+            release_timeout=float(mr.get("release_timeout", (int, float),
+                                         MemoryConfig.release_timeout)),
         )
         er = _Reader(r.get("engines", dict, {}), "engines.", {"llama_server"})
         ar = _Reader(r.get("auth", dict, {}), "auth.", {"api_keys_file", "exempt_loopback"})
@@ -384,8 +386,8 @@ def parse_config(data: Mapping[str, Any] | None, file: str | None = None) -> Con
             default_model == m.name or default_model in m.aliases for m in models.values()
         ) and "/" not in default_model and ":" not in default_model:
             raise ConfigError("default_model", f"{default_model!r} is not a configured model")
-        host = r.get("host", str, "127.0.0.1")
-        port = r.get("port", int, 11434)
+        host = r.get("host", str, Config.host)
+        port = r.get("port", int, Config.port)
         if not 0 <= port <= 65535:
             raise ConfigError("port", f"must be 0..65535, got {port}")
         return Config(
@@ -395,14 +397,14 @@ def parse_config(data: Mapping[str, Any] | None, file: str | None = None) -> Con
             ollama_models_dir=r.get("ollama_models_dir", str, None),
             state_dir=r.get("state_dir", str, Config.state_dir),
             default_model=default_model,
-            keep_alive=parse_duration(data.get("keep_alive", "5m"), "keep_alive"),
-            max_queue=r.positive_int("max_queue", 512),
-            max_loaded=r.positive_int("max_loaded", 0, 0),
+            keep_alive=parse_duration(data.get("keep_alive", Config.keep_alive), "keep_alive"),
+            max_queue=r.positive_int("max_queue", Config.max_queue),
+            max_loaded=r.positive_int("max_loaded", Config.max_loaded, 0),
             max_body=parse_size(data.get("max_body", Config.max_body), "max_body"),
             memory=memory,
-            engines=EnginesConfig(er.get("llama_server", str, "auto")),
+            engines=EnginesConfig(er.get("llama_server", str, EnginesConfig.llama_server)),
             auth=AuthConfig(ar.get("api_keys_file", str, None),
-                            ar.get("exempt_loopback", bool, True)),
+                            ar.get("exempt_loopback", bool, AuthConfig.exempt_loopback)),
             tls=tls,
             registries=RegistriesConfig(allow, rr.get("insecure", bool, False)),
             discovery=DiscoveryConfig(**{k: dr.get(k, bool, True) for k in dr.data}),
@@ -410,7 +412,7 @@ def parse_config(data: Mapping[str, Any] | None, file: str | None = None) -> Con
             model_dirs=r.strings("model_dirs", ()),
             allowed_hosts=r.strings("allowed_hosts", ()),
             cors_origins=r.strings("cors_origins", DEFAULT_CORS),
-            log_level=r.get("log_level", str, "info"),
+            log_level=r.get("log_level", str, Config.log_level),
             models=models,
             source=file,
         )

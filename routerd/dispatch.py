@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import json
 import time
-from typing import Any, AsyncIterator, Mapping, Protocol
+from typing import Any, AsyncIterator, Generic, Mapping, Protocol, TypeVar
 
 import aiohttp
 import structlog
@@ -52,17 +52,21 @@ class Target(Protocol):
         """How the target's process ended, waiting up to `wait` s; None if it runs on."""
 
 
-class Placement(Protocol):
+T = TypeVar("T", bound=Target)
+
+
+class Placement(Protocol[T]):
     """Hands out targets for a model name and takes them back (the scheduler)."""
 
-    closing: bool
+    @property
+    def closing(self) -> bool: ...
 
     async def acquire(self, name: str, *, keep_alive: float | None = None,
-                      entry: Any = None) -> Any: ...
+                      entry: Any = None) -> T: ...
 
-    def release(self, target: Any, keep_alive: float | None = None) -> None: ...
+    def release(self, target: T, keep_alive: float | None = None) -> None: ...
 
-    async def kill_hung(self, target: Any, reason: str) -> None: ...
+    async def kill_hung(self, target: T, reason: str) -> None: ...
 
 
 class StreamBroken(Exception):
@@ -73,10 +77,10 @@ class StreamBroken(Exception):
         self.cause = cause
 
 
-class Dispatcher:
+class Dispatcher(Generic[T]):
     """Sends requests to targets; one per app, holding the pooled client sessions."""
 
-    def __init__(self, placement: Placement, pooled: aiohttp.ClientSession,
+    def __init__(self, placement: Placement[T], pooled: aiohttp.ClientSession,
                  fresh: aiohttp.ClientSession, *, idle_timeout: float) -> None:
         self.placement = placement
         self.pooled, self.fresh = pooled, fresh
@@ -85,11 +89,11 @@ class Dispatcher:
 
     def call(self, name: str, path: str, *, body: bytes | None,
              keep_alive: float | None = None, method: str = "POST", query: Any = None,
-             content_type: str = "application/json", entry: Any = None) -> Call:
+             content_type: str = "application/json", entry: Any = None) -> Call[T]:
         return Call(self, name, path, body, keep_alive, method, query, content_type, entry)
 
 
-class Call:
+class Call(Generic[T]):
     """One request to one engine, used as `async with dispatcher.call(...) as call`.
 
     Entering leases a target for `name` and sends. A failure before the first byte
@@ -103,15 +107,15 @@ class Call:
     and the generator machinery was 6 % of routerd's CPU there."""
 
     __slots__ = ("_d", "name", "path", "body", "keep_alive", "method", "query",
-                 "content_type", "entry", "target", "resp", "waited", "started", "first")
+                 "content_type", "entry", "_target", "resp", "waited", "started", "first")
 
-    def __init__(self, dispatcher: Dispatcher, name: str, path: str, body: bytes | None,
+    def __init__(self, dispatcher: Dispatcher[T], name: str, path: str, body: bytes | None,
                  keep_alive: float | None, method: str, query: Any, content_type: str,
                  entry: Any) -> None:
         self._d, self.name, self.path, self.body = dispatcher, name, path, body
         self.keep_alive, self.method, self.query = keep_alive, method, query
         self.content_type, self.entry = content_type, entry
-        self.target: Any = None
+        self._target: T | None = None
         self.resp: aiohttp.ClientResponse | None = None
         self.waited = 0.0  # seconds spent waiting for the lease (queue + load)
         self.started = 0.0
@@ -125,11 +129,16 @@ class Call:
         return int((time.monotonic() - self.started) * 1e9)
 
     @property
+    def target(self) -> T:
+        assert self._target is not None, "the call has not been entered"
+        return self._target
+
+    @property
     def response(self) -> aiohttp.ClientResponse:
         assert self.resp is not None, "the call has not been entered"
         return self.resp
 
-    async def __aenter__(self) -> Call:
+    async def __aenter__(self) -> Call[T]:
         d, placement, name = self._d, self._d.placement, self.name
         self.started = started = time.monotonic()
         for attempt in (1, 2):
@@ -176,7 +185,7 @@ class Call:
                 await _close(resp)
                 placement.release(target, self.keep_alive)
                 raise
-            self.target, self.resp, self.first = target, resp, first
+            self._target, self.resp, self.first = target, resp, first
             return self
         raise AssertionError("unreachable")  # the second attempt returns or raises
 
@@ -184,7 +193,8 @@ class Call:
         try:
             await _close(self.resp)
         finally:
-            self._d.placement.release(self.target, self.keep_alive)
+            if self._target is not None:
+                self._d.placement.release(self._target, self.keep_alive)
 
     # ------------------------------------------------------------------ reading the answer
 

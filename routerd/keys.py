@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .dispatch import Dispatcher
     from .events import EventBus
     from .metrics import Metrics
+    from .scheduler.runner import Runner
     from .scheduler.scheduler import Scheduler
     from .store.store import Store
 
@@ -27,7 +28,7 @@ CONFIG = web.AppKey("config", Config)
 SCHEDULER: web.AppKey[Scheduler] = web.AppKey("scheduler")
 CATALOG: web.AppKey[Catalog] = web.AppKey("catalog")
 STORE: web.AppKey[Store] = web.AppKey("store")
-DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher")
+DISPATCHER: web.AppKey[Dispatcher[Runner]] = web.AppKey("dispatcher")
 HTTP = web.AppKey("http_session", aiohttp.ClientSession)
 # A session that never reuses a connection: the retry after a stale pooled one failed.
 HTTP_FRESH = web.AppKey("http_session_fresh", aiohttp.ClientSession)

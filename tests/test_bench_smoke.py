@@ -9,7 +9,7 @@ from aiohttp import web
 import bench.__main__ as bench_main
 from bench import loadgen, procs, profiling, report
 from bench.results import Row, paired_diff, paired_ratio
-from routerd.api.translate.bench import bench as translate_bench
+from bench.translate import bench as translate_bench
 
 
 def test_converter_micro_bench_runs_once() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from routerd import client
+from routerd.client import api as client
 
 NOW = datetime.now(timezone.utc)
 
@@ -228,3 +228,22 @@ def test_formatting() -> None:
         2024, 6, 1, 12, 34, 56, 123456, tzinfo=timezone.utc)
     assert client.error_message(500, '{"error": {"message": "boom"}}') == "boom"
     assert client.error_message(502, "") == "HTTP 502"
+
+
+def test_cli_reads_routerd_host_like_the_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ROUTERD_HOST=http://box (no port) means box:11434 for every subcommand, as the
+    client's resolve_base says: the CLI used to build its own URL and went to port 80."""
+    from routerd import cli
+
+    seen: list[str] = []
+
+    async def fake_list(base: str) -> int:
+        seen.append(base)
+        return 0
+
+    monkeypatch.setattr(client, "list_models", fake_list)
+    monkeypatch.setenv("ROUTERD_HOST", "http://box")
+    assert cli.main(["list"]) == 0
+    monkeypatch.setenv("ROUTERD_HOST", "box:8080")
+    assert cli.main(["list"]) == 0
+    assert seen == ["http://box:11434", "http://box:8080"]

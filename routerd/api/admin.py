@@ -14,6 +14,7 @@ from ..catalog import ModelEntry
 from ..errors import BadRequest, ModelNotFound
 from ..scheduler.accounting import read_info
 from ..store import gguf
+from . import capabilities
 from .common import add_route, read_json, jresp
 
 OLLAMA_API_VERSION = "0.12.0"  # the Ollama API level routerd speaks
@@ -118,11 +119,7 @@ async def show(request: web.Request) -> web.Response:
         modelfile.append(f'SYSTEM """{entry.system}"""')
     for line in _parameters(dict(entry.options)).splitlines():
         modelfile.append(f"PARAMETER {line}")
-    caps = ["completion"]
-    if entry.launch.embeddings:
-        caps.append("embedding")
-    if entry.launch.projector:
-        caps.append("vision")
+    caps = capabilities.of(entry, info)
     out = {"license": entry.license or "", "modelfile": "\n".join(modelfile) + "\n",
            "parameters": _parameters(dict(entry.options)), "template": template,
            "system": entry.system or "",

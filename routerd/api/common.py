@@ -75,6 +75,10 @@ def add_route(app: web.Application, method: str, path: str, handler: Handler, *,
 def error_body(kind: str, err: RouterdError) -> dict[str, Any]:
     if kind == "openai":
         return {"error": {"message": err.message, "type": err.type, "code": err.code}}
+    if kind == "anthropic":
+        from .translate.anthropic import error_object, error_type
+
+        return error_object(error_type(err.status), err.message)
     return {"error": err.message}
 
 

@@ -15,6 +15,8 @@ from ..activity import note_usage
 from ..catalog import with_load_options
 from ..errors import BadRequest
 from ..bodies import stream_flag
+from ..scheduler.accounting import read_info
+from . import capabilities
 from .common import add_route, engine_call, keep_alive_field, model_field, note_request, read_json, jresp
 from .streaming import relay_translated
 from .translate import ollama as tx
@@ -79,6 +81,9 @@ async def _infer(request: web.Request, body: dict[str, Any], *, chat: bool,
     if empty:
         return await _load_or_unload(request, name, keep_alive, chat=chat, body=body)
     entry = _entry(request, name, body)
+    if body.get("tools") or body.get("think"):  # Ollama's 400 for what the model lacks
+        info = read_info(entry.launch.path) if entry.launch.path else None
+        capabilities.check_ollama_chat(name, capabilities.of(entry, info), body)
     if chat:
         path, payload = CHAT_PATH, tx.chat_request(body, entry.defaults)
     else:

@@ -10,13 +10,16 @@ from aiohttp import web
 
 from .. import keys
 from ..bodies import parse_object, stream_flag
+from . import chatbridge
 from .common import add_route, engine_call, keep_alive_field, model_field, note_request, jresp
 from .streaming import relay_body, relay_sse
 
 
-async def _proxy(request: web.Request, path: str) -> web.StreamResponse:
-    raw = await request.read()
-    body = parse_object(raw)  # validated here; the raw bytes are what we send
+async def _proxy(request: web.Request, path: str, raw: bytes | None = None,
+                 body: dict | None = None) -> web.StreamResponse:
+    if raw is None or body is None:
+        raw = await request.read()
+        body = parse_object(raw)  # validated here; the raw bytes are what we send
     name = model_field(body)
     note_request(request, name)
     stream = stream_flag(body, default=False)
@@ -28,7 +31,14 @@ async def _proxy(request: web.Request, path: str) -> web.StreamResponse:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _proxy(request, "/v1/chat/completions")
+    raw = await request.read()
+    body = parse_object(raw)
+    name = model_field(body)
+    if chatbridge.needs_bridge(request, name, body):  # a forced tool call, or an alias
+        note_request(request, name)
+        stream_flag(body, default=False)
+        return await chatbridge.openai_chat(request, name, body)
+    return await _proxy(request, "/v1/chat/completions", raw, body)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:

@@ -96,8 +96,9 @@ def split_part_paths(first: Path) -> list[Path]:
             for i in range(1, n + 1)]
 
 
-def read_facts(path: str) -> Facts | str:
-    """The header's facts, or why the file is not a usable GGUF."""
+def read_facts(path: str, st: os.stat_result | None = None) -> Facts | str:
+    """The header's facts, or why the file is not a usable GGUF (the header itself comes
+    from store/gguf.py's one header cache)."""
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -106,7 +107,9 @@ def read_facts(path: str) -> Facts | str:
     if head in _GGML_MAGICS:
         return f"old {_GGML_MAGICS[head].upper()} format, not GGUF (convert it with llama.cpp)"
     try:
-        info = gguf.read_gguf(path)
+        info = gguf.header(path, st)
+    except OSError as e:
+        return f"cannot read: {e.strerror}"
     except gguf.GGUFError as e:
         return str(e).removeprefix(f"{path}: ")
     return Facts(info.quantization_level, info.context_length, info.architecture,
@@ -129,7 +132,7 @@ class HeaderCache:
             value = hit[2]
         else:
             self.reads += 1
-            value = read_facts(path)
+            value = read_facts(path, st)
         self._new[path] = (*key, value)
         return value
 

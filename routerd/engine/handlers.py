@@ -13,7 +13,7 @@ from aiohttp import web
 from routerd.engine import jobs, wire
 from routerd.engine.options import EngineOptions
 from routerd.engine.runner import ModelRunner, Piece
-from routerd.bodies import parse_object
+from routerd.bodies import parse_object, stream_flag
 from routerd.errors import BadRequest
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def _openai(request: web.Request, method: str, kwargs: dict[str, Any],
                   body: dict[str, Any]) -> web.StreamResponse:
     runner, _ = request.app[ENGINE].ready()
-    stream = bool(body.get("stream"))
+    stream = stream_flag(body, default=False)
     job = jobs.generation(method, kwargs, stream)
     if not stream:
         piece = await runner.call(job)
@@ -167,7 +167,7 @@ async def completion(request: web.Request) -> web.StreamResponse:
     runner, _ = state.ready()
     body = await read_json(request)
     kwargs = wire.completion_kwargs(body, state.opts.model_name)
-    stream = bool(body.get("stream"))
+    stream = stream_flag(body, default=False)
     job = jobs.generation(jobs.COMPLETION, kwargs, stream)
     name, stop_words = state.opts.model_name, kwargs["stop"]
     if not stream:

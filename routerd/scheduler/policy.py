@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from ..units import human_bytes
+
 
 @dataclass(frozen=True)
 class Loaded:
@@ -107,15 +109,6 @@ def choose_victims(need: Mapping[str, int], loaded: Sequence[Loaded], budget: Ma
     return victims
 
 
-_UNITS = (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
-
-
-def human_bytes(n: int) -> str:
-    """3328599654 -> '3.1 GiB'; 5 << 20 -> '5.0 MiB'; 512 -> '512 B'."""
-    for unit, scale in _UNITS:
-        if abs(n) >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 def resource_label(resource: str) -> str:
@@ -130,8 +123,8 @@ def resource_label(resource: str) -> str:
 def refusal_message(need: Mapping[str, int], budget: Mapping[str, int], model: str = "model") -> str:
     """Why a model can never fit, e.g. 'model needs 3.1 GiB RAM but the budget is 2.0 GiB'."""
     parts = [
-        f"{human_bytes(need.get(r, 0))} {resource_label(r)} but the budget is "
-        f"{human_bytes(budget.get(r, 0))}"
+        f"{human_bytes(need.get(r, 0), binary=True)} {resource_label(r)} but the budget is "
+        f"{human_bytes(budget.get(r, 0), binary=True)}"
         for r in sorted(_resources(need, budget)) if need.get(r, 0) > budget.get(r, 0)
     ]
     if not parts:

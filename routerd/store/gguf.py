@@ -16,6 +16,7 @@ magic, alignment and value-type numbers are the file format's own (GGUF spec).
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import re
@@ -25,7 +26,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import functools
 from enum import IntEnum
 
 
@@ -204,6 +204,29 @@ def is_gguf(path: str | Path, offset: int = 0) -> bool:
     except OSError:
         return False
     return len(head) == 4 and struct.unpack("<I", head)[0] == GGUF_MAGIC
+
+
+@functools.lru_cache(maxsize=1024)
+def _header(path: str, size: int, mtime_ns: int) -> GGUFInfo | GGUFError:
+    try:
+        zipped = None if is_gguf(path) else find_gguf_in_zip(path)
+        return read_gguf(path, zipped.offset if zipped else 0)
+    except GGUFError as e:
+        return e
+    except (OSError, ValueError) as e:
+        return GGUFError(f"{path}: cannot read GGUF: {e}")
+
+
+def header(path: str | Path, st: os.stat_result | None = None) -> GGUFInfo:
+    """The GGUF header of a .gguf, or of the GGUF inside a llamafile, parsed once per
+    (path, size, mtime): routerd's one header cache (memory estimates, /api/show,
+    discovery). Raises GGUFError (or OSError when the file cannot be stat'ed)."""
+    path = os.fspath(path)
+    st = st or os.stat(path)
+    found = _header(path, st.st_size, st.st_mtime_ns)
+    if isinstance(found, GGUFError):
+        raise found
+    return found
 
 
 def read_gguf(path: str | Path, offset: int = 0) -> GGUFInfo:

@@ -4,14 +4,16 @@ reaps them on its next start)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import aiohttp
 
-from ..catalog import ModelEntry
 from .backends import Argv, build_argv
 from .process import Worker
 from .registry import WorkerRegistry
+
+if TYPE_CHECKING:
+    from ..catalog import ModelEntry
 
 
 class WorkerFactory:

@@ -17,7 +17,7 @@ from routerd.api.translate import (
     error_chunk_ollama,
     error_event_openai,
 )
-from routerd.api.translate.bench import bench
+from bench.translate import bench
 
 
 def decode_all(pieces: list[bytes]) -> list[str]:

@@ -239,10 +239,10 @@ def test_model_dirs_only_when_configured(home: Path, model_path: Path) -> None:
 
 
 def test_a_missing_model_dir_is_reported_once(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import routerd.discovery as disc
+    import routerd.discovery.discovery as disc
 
     with capture_logs() as logs:
-        monkeypatch.setattr(disc, "log", structlog.get_logger("routerd.discovery"))
+        monkeypatch.setattr(disc, "log", structlog.get_logger("routerd.discovery.discovery"))
         d = discovery(home, model_dirs=["~/nowhere"])
         assert d.entries(None) == [] and d.entries(None) == []
     assert [(e["event"], e["path"]) for e in logs] == [

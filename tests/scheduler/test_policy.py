@@ -10,10 +10,10 @@ from routerd.scheduler.policy import (
     choose_victims,
     eviction_order,
     fits_at_all,
-    human_bytes,
     refusal_message,
     resource_label,
 )
+from routerd.units import human_bytes
 
 GB = 1 << 30
 GPU24 = {"ram": 64 * GB, "gpu0": 24 * GB}
@@ -127,9 +127,9 @@ def test_missing_budget_resource_counts_as_zero() -> None:
 
 
 def test_human_units() -> None:
-    assert human_bytes(512) == "512 B"
-    assert human_bytes(5 << 20) == "5.0 MiB"
-    assert human_bytes(3 * GB // 2) == "1.5 GiB"
+    assert human_bytes(512, binary=True) == "512 B"
+    assert human_bytes(5 << 20, binary=True) == "5.0 MiB"
+    assert human_bytes(3 * GB // 2, binary=True) == "1.5 GiB"
     assert resource_label("ram") == "RAM" and resource_label("gpu3") == "GPU 3 memory"
     assert resource_label("npu") == "npu"
     assert refusal_message(gpu(2), GPU24) == "model fits the budget"

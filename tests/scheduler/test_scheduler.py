@@ -30,6 +30,7 @@ class FakeWorker:
         self.pid = 1000 + len(log)
         self.lines: list[str] = []
         self.failure: str | None = None
+        self.returncode: int | None = None
         self.load_seconds = 0.0
         self.start_delay, self.fail, self.stop_delay = start_delay, fail, stop_delay
         self.released = asyncio.Event()
@@ -47,6 +48,10 @@ class FakeWorker:
 
     async def stop(self, *, drain: float, kill_after: float, on_drained: Any = None) -> None:
         self._log.append(("stop", self.model))
+        for _ in range(int(drain * 100)):  # drain in-flight requests, bounded as the real one
+            if not self.inflight:
+                break
+            await asyncio.sleep(0.01)
         if on_drained is not None:
             on_drained()
         self.state.swap((WorkerState.READY, WorkerState.STARTING), WorkerState.STOPPING)

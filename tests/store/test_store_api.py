@@ -18,9 +18,10 @@ from aiohttp import web
 
 from routerd import keys
 from routerd.api.common import error_middleware
-from routerd.api.models import PULLER, add_routes, store_context
+from routerd.api.manage import PULLER, add_routes, store_context
 from routerd.config import parse_config
-from routerd.store.progress import human_bytes, run_cp, run_pull, run_rm
+from routerd.client.progress import run_cp, run_pull, run_rm
+from routerd.units import human_bytes
 from routerd.store.store import Store
 from tests.fakes.registry import FakeRegistry, sha256_file
 

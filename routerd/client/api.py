@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
-import math
 import re
 import os
 import sys
@@ -23,6 +22,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+
+from ..units import human_bytes
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 DEFAULT_PORT = 11434
@@ -293,17 +294,6 @@ async def _chat_once(session: aiohttp.ClientSession, base: str, name: str,
 
 
 # ---------------------------------------------------------------- formatting (Ollama's CLI)
-
-
-def human_bytes(n: int) -> str:
-    """Ollama's format.HumanBytes (decimal units): 98_000_000 -> '98 MB', 4.7e9 -> '4.7 GB'."""
-    for scale, unit in ((10**12, "TB"), (10**9, "GB"), (10**6, "MB"), (10**3, "KB")):
-        if n >= scale:
-            value = n / scale
-            if value >= 10 or value == math.trunc(value):
-                return f"{int(value)} {unit}"
-            return f"{value:.1f} {unit}"
-    return f"{n} B"
 
 
 def human_duration(seconds: float) -> str:

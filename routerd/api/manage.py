@@ -19,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from .. import keys
+from ..bodies import stream_flag
 from .common import add_route, read_json
 from ..errors import BadRequest, ModelNotFound, RouterdError
 from ..store import gguf
@@ -126,7 +127,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
     puller = request.app[PULLER]
     puller.check(name, insecure)  # invalid name, http without insecure, host not allowed
     events = _refreshing(request, puller.pull(name, insecure=insecure))
-    if body.get("stream", True) is not False:
+    if stream_flag(body, default=True):
         return await stream_events(request, events)
     last: dict[str, Any] = {}
     async with contextlib.aclosing(events) as it:  # type: ignore[type-var]
@@ -178,7 +179,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     store: Store = request.app[keys.STORE]
     events = await asyncio.to_thread(build_model, store, name, body)
     _refresh_catalog(request)
-    if body.get("stream", True) is False:
+    if not stream_flag(body, default=True):
         return web.json_response(events[-1], dumps=_encode)
 
     async def replay() -> AsyncIterator[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """Micro-benchmark of the stream hot path: SSE bytes -> Ollama NDJSON bytes, per chunk.
 
-    python -m routerd.api.translate.bench [N]
+    python -m bench.translate [N]
 """
 
 from __future__ import annotations

@@ -15,17 +15,10 @@ from typing import Any, AsyncIterator, TextIO
 
 import aiohttp
 
+from ..units import human_bytes
+
 _TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
 _BAR = 25
-
-
-def human_bytes(n: float) -> str:
-    """Ollama's format.HumanBytes (SI units): 98362432 -> '98 MB', 1500 -> '1.5 KB'."""
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= scale:
-            v = n / scale
-            return f"{int(v)} {unit}" if v >= 10 or v == int(v) else f"{v:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 def human_duration(s: float) -> str:
