@@ -130,7 +130,7 @@ def place(info: GGUFInfo, *, ctx_size: int, parallel: int, backend: str,
             split = _split(chosen, phase, fixed)
             e, need, kinds = m.cost(chosen, want, split)
             if _fits(need, chosen, phase):
-                how = "gpu" if k == 1 else "split"
+                how = "partial" if want < n_all else "gpu" if k == 1 else "split"
                 return Placement(_assignment(chosen, want, split), need, e, how, kinds)
     ranked = sorted(allowed, key=lambda r: (-r.reclaimable, r.index))
     if gpu_layers is not None:  # a number asked for: book it on the best GPU, fit or not
