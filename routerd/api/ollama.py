@@ -102,35 +102,33 @@ async def _infer(request: web.Request, body: dict[str, Any], *, chat: bool,
 
 
 async def embed(request: web.Request) -> web.Response:
-    body = await read_json(request)
-    name = model_field(body)
-    note_request(request, name)
-    payload = tx.embed_request(body)
-    payload["model"] = name
-    if not payload["input"]:
-        await request.app[keys.SCHEDULER].load(name, keep_alive=keep_alive_field(body))
-        return jresp({"model": name, "embeddings": []})
-    async with engine_call(request, name, "/v1/embeddings", body=json.dumps(payload).encode(),
-                           keep_alive=keep_alive_field(body)) as call:
-        answer = await call.json()
-        return jresp(rx.embed_response(
-            answer, name, load_ns=call.load_ns, total_ns=call.total_ns(),
-            dimensions=payload.get("dimensions")))
+    """/api/embed: a list of inputs, normalised vectors under "embeddings"."""
+    return await _embed(request, legacy=False)
 
 
 async def embeddings(request: web.Request) -> web.Response:
+    """/api/embeddings (the older route): one prompt, its vector under "embedding"."""
+    return await _embed(request, legacy=True)
+
+
+async def _embed(request: web.Request, *, legacy: bool) -> web.Response:
     body = await read_json(request)
     name = model_field(body)
     note_request(request, name)
-    payload = tx.embeddings_request(body)
+    payload = tx.embeddings_request(body) if legacy else tx.embed_request(body)
     payload["model"] = name
+    keep_alive = keep_alive_field(body)
     if not payload["input"]:
-        await request.app[keys.SCHEDULER].load(name, keep_alive=keep_alive_field(body))
-        return jresp({"embedding": []})
+        await request.app[keys.SCHEDULER].load(name, keep_alive=keep_alive)
+        return jresp({"embedding": []} if legacy else {"model": name, "embeddings": []})
     async with engine_call(request, name, "/v1/embeddings", body=json.dumps(payload).encode(),
-                           keep_alive=keep_alive_field(body)) as call:
+                           keep_alive=keep_alive) as call:
         answer = await call.json()
-        return jresp(rx.embeddings_response(answer))
+        if legacy:
+            return jresp(rx.embeddings_response(answer))
+        return jresp(rx.embed_response(answer, name, load_ns=call.load_ns,
+                                       total_ns=call.total_ns(),
+                                       dimensions=payload.get("dimensions")))
 
 
 def add_routes(app: web.Application) -> None:

@@ -128,17 +128,23 @@ async def _get_json(session: aiohttp.ClientSession, url: str, body: Any = None) 
         return await resp.json(content_type=None)
 
 
-async def _ndjson(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
-    """Objects of an NDJSON stream (no line-length limit); an in-band error raises."""
+async def ndjson_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The non-empty lines of an NDJSON stream (no line-length limit)."""
     buf = b""
     async for chunk in resp.content.iter_any():
         buf += chunk
         *lines, buf = buf.split(b"\n")
         for line in lines:
             if line.strip():
-                yield _ndjson_object(line)
+                yield line
     if buf.strip():
-        yield _ndjson_object(buf)
+        yield buf
+
+
+async def _ndjson(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """Objects of an NDJSON stream; an in-band error raises."""
+    async for line in ndjson_lines(resp):
+        yield _ndjson_object(line)
 
 
 def _ndjson_object(line: bytes) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator, TextIO
 import aiohttp
 
 from ..units import human_bytes
+from .api import ndjson_lines
 
 _TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
 _BAR = 25
@@ -117,15 +118,8 @@ def _bar(status: str, layer: Layer) -> str:
 
 
 async def _lines(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
-    buf = b""
-    async for chunk in resp.content.iter_any():
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        for line in lines:
-            if line.strip():
-                yield json.loads(line)
-    if buf.strip():
-        yield json.loads(buf)
+    async for line in ndjson_lines(resp):
+        yield json.loads(line)
 
 
 def _error_text(status: int, text: str) -> str:
