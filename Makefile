@@ -31,6 +31,12 @@ system-deps:
 	  echo "[setup] installing Debian package systemd (for systemd-analyze verify)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq systemd >/dev/null; }
+# Debian's chromium drives the dashboard tests (Playwright's Python package with
+# executable_path=/usr/bin/chromium; Playwright's own browser download is never used).
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+	  echo "[setup] installing Debian packages chromium, chromium-driver (dashboard tests)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 test: install system-deps
 	$(VENV)/bin/pytest -q

@@ -1,6 +1,6 @@
 // A small SVG line chart: no chart library, no canvas, text stays selectable.
 
-import { h, s, colorOf, clock } from "./dom.js";
+import { h, s, colorOf, clock, hhmm } from "./dom.js";
 
 const W = 560;
 const H = 180;
@@ -30,7 +30,7 @@ export function lineChart(title, series, { from, to, format, id, step = false })
   for (let i = 0; i <= 4; i++) {
     const t = from + ((to - from) * i) / 4;
     svg.append(s("text", { x: x(t), y: H - 6, class: "axis",
-      "text-anchor": i === 0 ? "start" : i === 4 ? "end" : "middle", text: clock(t) }));
+      "text-anchor": i === 0 ? "start" : i === 4 ? "end" : "middle", text: hhmm(t) }));
   }
   const legend = h("ul", { class: "legend" });
   for (const ser of series) {

@@ -73,6 +73,11 @@ export function num(v, digits = 0) {
   return Number(v).toFixed(digits);
 }
 
+export function hhmm(t) {
+  const d = new Date(t * 1000);
+  return d.toLocaleTimeString([], { hour12: false, hour: "2-digit", minute: "2-digit" });
+}
+
 export function clock(t) {
   const d = new Date(t * 1000);
   return d.toLocaleTimeString([], { hour12: false });

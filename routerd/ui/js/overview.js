@@ -153,7 +153,13 @@ function renderModels(o, app) {
       h("dt", { text: "pid" }), h("dd", { text: m.pid ? String(m.pid) : "–" }),
       h("dt", { text: "memory" }), h("dd", { text: memText(m) }));
     card.append(dl);
-    if (m.reason) card.append(h("pre", { class: "error", text: m.reason }));
+    const lf = (o.last_failure || {})[m.name];
+    if (lf && Date.now() / 1000 - lf.time < 600) {
+      card.append(h("div", { class: "last-failure", dataset: { failure: m.name } },
+        h("b", { class: "error", text: `${m.state === "ready" ? "restarted after a failure"
+          : "failed"} ${duration(Date.now() / 1000 - lf.time)} ago` }),
+        h("pre", { class: "error", text: lf.reason })));
+    }
     card.append(h("div", { class: "row" },
       h("button", { onclick: () => act(m.name, 0, "unloaded"), "data-action": "unload",
         text: "Unload" }),

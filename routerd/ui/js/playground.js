@@ -81,6 +81,7 @@ async function send() {
   const t0 = performance.now();
   let first = null;
   let answer = "";
+  let chunks = 0;
   let final = null;
   els.stats.textContent = "waiting…";
   try {
@@ -89,6 +90,7 @@ async function send() {
         if (first === null) first = performance.now();
         answer += chunk.message.content;
         out.textContent = answer;
+        out.parentElement.dataset.chunks = String(++chunks);
         els.log.scrollTop = els.log.scrollHeight;
       }
       if (chunk.done) final = chunk;
