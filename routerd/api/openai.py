@@ -10,7 +10,8 @@ from aiohttp import web
 
 from .. import keys
 from ..bodies import parse_object, stream_flag
-from . import chatbridge
+from ..scheduler.accounting import read_info
+from . import capabilities, chatbridge
 from .common import add_route, engine_call, keep_alive_field, model_field, note_request, jresp
 from .streaming import relay_body, relay_sse
 
@@ -59,9 +60,22 @@ async def models(request: web.Request) -> web.Response:
     return jresp({"object": "list", "data": data})
 
 
+async def model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id}: one model, with what it can do (api/capabilities.py)."""
+    name = request.match_info["id"]
+    e = request.app[keys.CATALOG].resolve(name)
+    info = read_info(e.launch.path) if e.launch.path else None
+    created = int(e.modified_at.timestamp()) if e.modified_at else 0
+    return jresp({"id": name, "object": "model", "created": created, "owned_by": "routerd",
+                  "capabilities": capabilities.of(e, info),
+                  "routerd": {"name": e.name, "source": e.source, "aliases": list(e.aliases),
+                              "context_length": e.launch.ctx_size}})
+
+
 def add_routes(app: web.Application) -> None:
     for method, path, handler in (("POST", "/v1/chat/completions", chat_completions),
                                   ("POST", "/v1/completions", completions),
                                   ("POST", "/v1/embeddings", embeddings),
-                                  ("GET", "/v1/models", models)):
+                                  ("GET", "/v1/models", models),
+                                  ("GET", "/v1/models/{id:.+}", model)):
         add_route(app, method, path, handler, dialect="openai")
