@@ -10,7 +10,7 @@ import structlog
 from aiohttp import web
 
 from . import keys
-from .api import admin, anthropic, native, ollama, openai, responses
+from .api import admin, anthropic, native, ollama, openai, rerank, responses
 from .api import manage as store_routes
 from .api import security, ui
 from .activity import activity_middleware
@@ -137,6 +137,7 @@ def make_app(config: Config, *, accountant: Accountant | None = None,
     openai.add_routes(app)
     anthropic.add_routes(app)
     responses.add_routes(app)
+    rerank.add_routes(app)
     native.add_routes(app)
     admin.add_routes(app)
     store_routes.add_routes(app)

@@ -154,7 +154,8 @@ def make_app(worker: Worker) -> web.Application:
         ("/v1/chat/completions", chat_completions), ("/chat/completions", chat_completions),
         ("/v1/completions", completions), ("/completion", native_completion),
         ("/completions", native_completion), ("/v1/embeddings", embeddings),
-        ("/embeddings", embeddings), ("/tokenize", tokenize), ("/detokenize", detokenize))])
+        ("/embeddings", embeddings), ("/tokenize", tokenize), ("/detokenize", detokenize),
+        ("/v1/rerank", rerank))])
     return app
 
 
@@ -351,6 +352,19 @@ async def embeddings(request: web.Request) -> web.Response:
     n = count_words(inputs)
     return web.json_response({"object": "list", "model": worker.model_id, "data": data,
                               "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+
+async def rerank(request: web.Request) -> web.Response:
+    """llama-server's /v1/rerank: score = words shared with the query; sorted; top_n."""
+    body = await read_json(request)
+    query = set(str(body.get("query", "")).lower().split())
+    docs = [str(d) for d in body.get("documents") or []]
+    results = sorted(({"index": i, "relevance_score": float(len(query & set(d.lower().split())))}
+                      for i, d in enumerate(docs)), key=lambda r: -r["relevance_score"])
+    n = count_words(docs)
+    return web.json_response({"model": get_worker(request).model_id, "object": "list",
+                              "usage": {"prompt_tokens": n, "total_tokens": n},
+                              "results": results[:int(body.get("top_n") or len(docs))]})
 
 
 async def tokenize(request: web.Request) -> web.Response:
