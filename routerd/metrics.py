@@ -4,7 +4,9 @@ process, as in the tests, do not collide).
 The recording methods are cheap (a dict lookup and an add) and safe to call from the request
 path. Label cardinality is bounded: pass route templates (see `route_label`), not raw paths,
 and only model names routerd knows; past `MAX_MODELS` distinct names the rest are counted as
-`_other`. `forget(model)` drops a model's series when it leaves the catalog.
+`_other`. Counters stay monotonic for `rate()`: `unloaded(model)` drops only the gauges that
+describe a loaded engine (memory, over-booking, state); `forget(model)` drops every series of
+a model that left the catalog for good.
 """
 
 from __future__ import annotations
@@ -140,8 +142,21 @@ class Metrics:
         self._states[m] = state
         self._child(self.state, m, m, state).set(1)
 
+    def unloaded(self, model: str) -> None:
+        """The model's engine is gone (unloaded, evicted, crashed): drop the gauges that
+        describe a loaded engine. Its counters (loads, evictions, restarts, requests, tokens)
+        keep counting across loads."""
+        series = self._series.get(model, {})
+        for metric, values in [k for k in series if k[0] in self._engine_gauges()]:
+            del series[(metric, values)]
+            metric.remove(*values)
+        self._states.pop(model, None)
+
+    def _engine_gauges(self) -> tuple[Any, ...]:
+        return (self.memory, self.over_booking, self.state)
+
     def forget(self, model: str) -> None:
-        """Drop every series of a model that is gone (removed, deleted)."""
+        """Drop every series of a model that left the catalog (removed, deleted)."""
         for metric, values in self._series.pop(model, {}):
             metric.remove(*values)
         self._states.pop(model, None)
@@ -195,6 +210,9 @@ class NullMetrics(Metrics):
         pass
 
     def set_state(self, model: str, state: str) -> None:
+        pass
+
+    def unloaded(self, model: str) -> None:
         pass
 
     def forget(self, model: str) -> None:

@@ -382,7 +382,7 @@ class Scheduler:
         self.last_logs[runner.name] = list(runner.worker.lines)
         self._move(runner, ModelState.DRAINING, ModelState.STOPPING)
         self._move(runner, ModelState.STOPPING, ModelState.NOT_LOADED, reason=reason)
-        self.metrics.forget(runner.name)
+        self.metrics.unloaded(runner.name)  # counters stay monotonic
         log.info("scheduler.unloaded", model=runner.name, reason=reason)
         await self._notify()
 
@@ -450,7 +450,7 @@ class Scheduler:
             self._move(runner, (ModelState.READY, ModelState.DRAINING, ModelState.STOPPING),
                        ModelState.FAILED, reason=reason[-500:], code=worker.returncode)
             self.metrics.inc_restart(worker.model)
-            self.metrics.forget(worker.model)
+            self.metrics.unloaded(worker.model)
             self._spawn(self._notify())
             if self.failures.reason(worker.model) is None:
                 self.load_in_background(worker.model, lambda: self._load(runner.entry),
