@@ -12,7 +12,8 @@ from .. import keys
 from ..bodies import parse_object
 from .common import add_route, engine_call, keep_alive_field, model_field, note_request, jresp
 from .security import upstream_path
-from .streaming import relay_body, relay_sse
+from .streaming import ended_well, relay_body, relay_sse
+from .translate import sse as sse_codec
 
 
 def _default(request: web.Request) -> str | None:
@@ -49,6 +50,30 @@ async def props(request: web.Request) -> web.StreamResponse:
     return await _native(request, "/props")
 
 
+async def infill(request: web.Request) -> web.StreamResponse:
+    return await _native(request, "/infill")
+
+
+async def apply_template(request: web.Request) -> web.StreamResponse:
+    return await _native(request, "/apply-template")
+
+
+async def embedding(request: web.Request) -> web.StreamResponse:
+    return await _native(request, "/embedding")
+
+
+async def embeddings_native(request: web.Request) -> web.StreamResponse:
+    return await _native(request, "/embeddings")
+
+
+async def slots(request: web.Request) -> web.StreamResponse:
+    return await _native(request, "/slots")
+
+
+async def lora_adapters(request: web.Request) -> web.StreamResponse:
+    return await _native(request, "/lora-adapters")
+
+
 async def health(request: web.Request) -> web.Response:
     """routerd's own health: it is up. (A model's engine health is in /api/ps.)"""
     return jresp({"status": "ok"})
@@ -74,7 +99,9 @@ async def upstream(request: web.Request) -> web.StreamResponse:
     async with engine_call(request, name, path, body=raw, method=request.method,
                            query=request.query, content_type=ctype) as call:
         if call.response.headers.get("Content-Type", "").startswith("text/event-stream"):
-            return await relay_sse(request, call)
+            # each dialect's own last event: Responses and Anthropic streams send no [DONE]
+            finished = sse_codec.stream_finisher(path) or ended_well
+            return await relay_sse(request, call, finished=finished)
         return await relay_body(call)
 
 
@@ -82,8 +109,9 @@ def add_routes(app: web.Application) -> None:
     for method, path, handler in (("POST", "/completion", completion),
                                   ("POST", "/completions", completion),
                                   ("POST", "/tokenize", tokenize),
-                                  ("POST", "/detokenize", detokenize),
-                                  ("GET", "/props", props),
-                                  ("GET", "/health", health),
-                                  ("*", "/upstream/{tail:.+}", upstream)):
-        add_route(app, method, path, handler, dialect="openai")
+                                  ("POST", "/detokenize", detokenize)):
+        add_route(app, method, path, handler, dialect="openai", inference=True)
+    add_route(app, "GET", "/props", props, dialect="openai")
+    add_route(app, "GET", "/health", health, dialect="openai")
+    # The engine's whole surface, state-changing routes (LoRA scales, slots) included.
+    add_route(app, "*", "/upstream/{tail:.+}", upstream, dialect="openai", admin=True)

@@ -8,7 +8,8 @@ conversation has no system message (chat) or the request has no `system` (genera
 
 Not translated: `keep_alive` (the caller's), `template` (the engine applies the model's own
 chat template), `context` (deprecated in Ollama), `truncate` on embed (llama-server has no
-per-request switch: it truncates to the context or fails), `logprobs`.
+per-request switch: it truncates to the context or fails); `logprobs` on raw and suffix
+generation (only the chat path carries them).
 The responses and streams live in `ollama_response.py` and `ollama_stream.py`.
 """
 
@@ -175,11 +176,25 @@ def _common(
         out["stream_options"] = {"include_usage": True}
     if options:
         out.update(sampling_fields(options))
+    if chat:
+        _logprobs(body, out)
     fmt = response_format(body.get("format"))
     if fmt is not None:
         out["response_format"] = fmt
         if not chat:  # llama-server reads `response_format` only on chat; `json_schema` elsewhere
             out["json_schema"] = native_schema(fmt)
+
+
+def _logprobs(body: Mapping[str, Any], out: dict[str, Any]) -> None:
+    """Ollama `logprobs` / `top_logprobs` -> the engine's OpenAI fields (chat only)."""
+    if get_bool(body, "logprobs", False):
+        out["logprobs"] = True
+        top = body.get("top_logprobs")
+        if top is not None:
+            if type(top) is not int or not 0 <= top <= 20:
+                raise BadRequest('"top_logprobs" must be an integer from 0 to 20')
+            if top:
+                out["top_logprobs"] = top
 
 
 def _think(body: Mapping[str, Any], out: dict[str, Any]) -> None:

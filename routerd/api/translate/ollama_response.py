@@ -24,6 +24,7 @@ __all__ = [
     "error_chunk_ollama",
     "generate_response",
     "load_response",
+    "logprobs",
     "metrics",
     "now_rfc3339",
     "ollama_tool_call",
@@ -156,6 +157,30 @@ def ollama_tool_call(call_id: Any, name: Any, arguments: Any, index: int) -> dic
     return out
 
 
+def _token(t: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"token": t.get("token", ""), "logprob": t.get("logprob", 0.0)}
+    if t.get("bytes") is not None:
+        out["bytes"] = t["bytes"]
+    return out
+
+
+def logprobs(choice: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """An OpenAI choice's `logprobs.content` -> Ollama's `logprobs` (token, logprob, bytes,
+    top_logprobs); None when the engine sent none."""
+    lp = choice.get("logprobs")
+    content = lp.get("content") if isinstance(lp, Mapping) else None
+    if not content:
+        return None
+    out = []
+    for t in content:
+        item = _token(t)
+        top = t.get("top_logprobs")
+        if top:
+            item["top_logprobs"] = [_token(x) for x in top]
+        out.append(item)
+    return out
+
+
 def chat_response(
     resp: Mapping[str, Any], model: str, *, load_ns: int, total_ns: int
 ) -> dict[str, Any]:
@@ -173,7 +198,7 @@ def chat_response(
                              (c.get("function") or {}).get("arguments"), i)
             for i, c in enumerate(calls)
         ]
-    return {
+    out = {
         "model": model,
         "created_at": now_rfc3339(),
         "message": msg,
@@ -181,6 +206,10 @@ def chat_response(
         "done_reason": done_reason(choice.get("finish_reason")),
         **metrics(resp.get("usage"), resp.get("timings"), load_ns=load_ns, total_ns=total_ns),
     }
+    lp = logprobs(choice)
+    if lp:
+        out["logprobs"] = lp
+    return out
 
 
 def generate_response(
@@ -188,6 +217,7 @@ def generate_response(
 ) -> dict[str, Any]:
     """A non-streamed chat, text-completion or native `/infill` reply -> `/api/generate`."""
     thinking = None
+    lp = None
     if "choices" not in resp and "content" in resp:  # llama.cpp native (/infill)
         check_error(resp)
         text = resp.get("content") or ""
@@ -202,6 +232,7 @@ def generate_response(
             thinking = src.get("reasoning_content")
         reason = done_reason(choice.get("finish_reason"))
         usage = resp.get("usage")
+        lp = logprobs(choice)
     out: dict[str, Any] = {
         "model": model,
         "created_at": now_rfc3339(),
@@ -212,6 +243,8 @@ def generate_response(
     out["done"] = True
     out["done_reason"] = reason
     out.update(metrics(usage, resp.get("timings"), load_ns=load_ns, total_ns=total_ns))
+    if lp:
+        out["logprobs"] = lp
     return out
 
 

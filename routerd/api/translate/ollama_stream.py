@@ -25,6 +25,7 @@ from typing import Any
 from routerd.api.translate.ollama_response import (
     check_error,
     done_reason,
+    logprobs,
     metrics,
     native_done_reason,
     native_usage,
@@ -130,8 +131,12 @@ class ChatStream(_Stream):
                 if thinking:
                     msg["thinking"] = thinking
                 self._chunks += 1
-                out.append({"model": self.model, "created_at": now_rfc3339(),
-                            "message": msg, "done": False})
+                obj: dict[str, Any] = {"model": self.model, "created_at": now_rfc3339(),
+                                       "message": msg, "done": False}
+                lp = logprobs(choice)
+                if lp:
+                    obj["logprobs"] = lp
+                out.append(obj)
             calls = delta.get("tool_calls")
             if calls:
                 self._calls.add(calls)
@@ -167,9 +172,11 @@ class GenerateStream(_Stream):
     def feed(self, chunk: Mapping[str, Any]) -> list[dict[str, Any]]:
         self._note(chunk)
         thinking = None
+        lp = None
         choices = chunk.get("choices")
         if choices:
             choice = choices[0]
+            lp = logprobs(choice)
             text = choice.get("text")
             if text is None:
                 delta = choice.get("delta")
@@ -194,6 +201,8 @@ class GenerateStream(_Stream):
         if thinking:
             obj["thinking"] = thinking
         obj["done"] = False
+        if lp:
+            obj["logprobs"] = lp
         return [obj]
 
     def finish(self, *, load_ns: int, total_ns: int) -> dict[str, Any]:

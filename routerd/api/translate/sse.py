@@ -9,9 +9,10 @@ one event are joined with `\\n`, per the WHATWG spec. `[DONE]` comes back as-is.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
-__all__ = ["DONE", "SSEDecoder", "encode_ndjson", "encode_sse", "error_event_openai"]
+__all__ = ["DONE", "SSEDecoder", "encode_ndjson", "encode_sse", "ended_anthropic",
+           "ended_responses", "error_event_openai", "stream_finisher"]
 
 DONE = "[DONE]"
 # One encoder, built once: json.dumps(..., separators=...) builds a new one per call.
@@ -103,3 +104,45 @@ def error_event_openai(
 ) -> bytes:
     """An in-band error for an OpenAI stream that has already started."""
     return encode_sse({"error": {"message": msg, "type": err_type, "code": code}})
+
+
+
+_RESPONSES_END = frozenset({"response.completed", "response.incomplete", "response.failed",
+                            "error"})
+_ANTHROPIC_END = frozenset({"message_stop", "error"})
+
+
+def _last_type(tail: bytes) -> str:
+    """The `type` of the last SSE event's JSON data in `tail` ("" when none)."""
+    at = tail.rfind(b"data:")
+    if at < 0:
+        return ""
+    try:
+        obj = json.loads(tail[at + 5:].strip())
+    except ValueError:
+        return ""
+    kind = obj.get("type") if isinstance(obj, dict) else None
+    return kind if isinstance(kind, str) else ""
+
+
+def ended_responses(tail: bytes) -> bool:
+    """An OpenAI Responses stream ends with `response.completed` (or `.incomplete`,
+    `.failed`, an `error` event); it sends no `[DONE]`."""
+    return _last_type(tail) in _RESPONSES_END
+
+
+def ended_anthropic(tail: bytes) -> bool:
+    """An Anthropic Messages stream ends with `message_stop` (or an `error` event)."""
+    return _last_type(tail) in _ANTHROPIC_END
+
+
+def stream_finisher(path: str) -> Callable[[bytes], bool] | None:
+    """The end-of-stream rule for an engine path relayed as is (`/upstream/<model>/<path>`):
+    Responses and Anthropic streams end with their own last event; None for the others
+    (`[DONE]`, or llama.cpp's `"stop": true`: the relay's default)."""
+    clean = "/" + path.strip("/")
+    if clean.endswith("/responses"):
+        return ended_responses
+    if clean.endswith("/messages"):
+        return ended_anthropic
+    return None
