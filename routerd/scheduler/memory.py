@@ -411,6 +411,7 @@ class MeasurementBook:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._entries: dict[str, dict[str, int | str]] = self._load()
+        self._failed = ""  # the last write error, logged once until a write succeeds
 
     def _load(self) -> dict[str, dict[str, int | str]]:
         try:
@@ -454,6 +455,21 @@ class MeasurementBook:
         return int(estimate * ratio)
 
     def _save(self) -> None:
+        """Write the book; a state_dir that cannot take it (full, read-only, not a folder)
+        costs the figures' persistence, never the request that measured them: the figures
+        stay in memory and one warning per distinct error says what failed."""
+        try:
+            self._write()
+        except OSError as e:
+            if str(e) != self._failed:
+                log.warning("memory.book_write_failed", path=str(self.path), error=str(e))
+            self._failed = str(e)
+            return
+        if self._failed:
+            log.info("memory.book_written", path=str(self.path))
+            self._failed = ""
+
+    def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".memory-", suffix=".tmp", dir=self.path.parent)
         try:
