@@ -227,8 +227,9 @@ class Accountant:
 
     def launch(self, entry: ModelEntry) -> ModelEntry:
         """The entry to start: its LaunchSpec carries the placement decided by ``need``
-        (-ngl, the devices, the tensor split); identity() is unchanged."""
-        p = self._plans.pop(entry.name, None)
+        (-ngl, the devices, the tensor split); identity() is unchanged. The plan stays for a
+        second attempt of the same load (the scheduler's retry after an OOM)."""
+        p = self._plans.get(entry.name)
         if p is None:
             info = read_info(entry.launch.path) if entry.launch.path else None
             if info is None:
@@ -269,6 +270,11 @@ class Accountant:
         if self._devices:
             held.update(self._measure_vram(entry, worker.pid, t))
         if t is not None:
+            for res, n in t.booked.items():  # a GPU it uses that NVML showed nothing for
+                if gpu_index(res) is not None and not held.get(res):
+                    log.warning("gpu.measure_missing", model=entry.name, resource=res,
+                                kept=n)
+                    held[res] = n
             self._check_growth(t, held)
         key = self._key(entry)
         if key is not None:

@@ -400,6 +400,15 @@ class MeasureKey:
         return f"{self.backend}|{resource}|{self.ctx}|{self.parallel}|{self.size}|{self.mtime_ns}|{self.path}"
 
 
+def _family(resource: str) -> str:
+    """Which figures share a measured/estimated ratio: 'ram' (CPU runs), 'ram@gpu' (RAM of a
+    run with GPU layers), 'vram' (any layer count or split), else the resource itself."""
+    base, sep, _ = resource.partition("@")
+    if not sep:
+        return base
+    return "ram@gpu" if base == "ram" else base
+
+
 class MeasurementBook:
     """Measured bytes per (model file, ctx, parallel, backend, resource), kept as JSON.
 
@@ -446,8 +455,9 @@ class MeasurementBook:
         known = self.measured(key, resource)
         if known is not None:
             return known
+        family = _family(resource)
         ratios = [int(e["measured"]) / int(e["estimated"]) for e in self._entries.values()
-                  if e.get("backend") == key.backend and e.get("resource") == resource
+                  if e.get("backend") == key.backend and _family(str(e.get("resource"))) == family
                   and int(e.get("estimated", 0)) > 0]
         if not ratios:
             return estimate

@@ -227,3 +227,19 @@ async def test_api_ps_shape_of_the_gpu_fields(tmp_path: Path) -> None:
     snap = rig.s.snapshot()[0]
     p = snap.entry.launch.placement
     assert p is not None and p.devices == (0,) and p.gpu_layers == 33
+
+
+async def test_a_gpu_nvml_shows_nothing_for_keeps_its_booking(tmp_path: Path) -> None:
+    sim = SimulatedGpus(24 * GiB)
+    sim.hide_pids = True
+    rig = Rig(tmp_path, sim, {"a": {}}, scale=0.0)  # nothing to see, per process or by delta
+    await rig.use("a")
+    r = rig.s.runners["a"]
+    assert r.need["gpu0"] == r.estimate["gpu0"] > 0
+
+
+async def test_measured_ratio_corrects_other_layer_counts_and_contexts(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, SimulatedGpus(24 * GiB), {"a": {}, "b": {"ctx_size": 4096}}, scale=0.8)
+    await rig.use("a")
+    booked, raw = rig.acct.need(rig.s.catalog.resolve("b"), [])
+    assert booked["gpu0"] == pytest.approx(raw["gpu0"] * 0.8, rel=0.01)
