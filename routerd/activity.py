@@ -8,17 +8,20 @@ token, load wait, an in-band error) with `note(request, ...)`: a dict update, no
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
 from .errors import RouterdError
+from .keys import EVENTS
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 NOTES = web.RequestKey("activity_notes", dict)
 # Where finished requests go (set by the dashboard's context): a callable taking the record.
 ACTIVITY: web.AppKey[Callable[[dict[str, Any]], None]] = web.AppKey("activity_sink")
+PULL_EVERY = 0.25  # seconds between two progress events of one layer
 _QUIET = ("/api/events", "/ui", "/api/ui/", "/metrics", "/api/ps", "/api/tags", "/api/show",
           "/api/logs", "/api/version", "/api/pull", "/api/delete")
 
@@ -117,6 +120,9 @@ def note_call(request: web.Request, call: Any) -> None:
         now = time.monotonic()
         note(request, load_wait_ms=round(call.waited * 1000, 1),
              ttft_ms=round((now - call.started) * 1000, 1))
+        bus = request.app.get(EVENTS)
+        if bus is not None:  # a slot is busy from now on (the overview shows it)
+            bus.publish("request.started", model=call.name, route=request.path)
     except Exception:  # noqa: BLE001
         pass
 
@@ -166,3 +172,29 @@ def _last_json(raw: bytes) -> dict[str, Any] | None:
             obj = json.loads(block[:end + 1])
             return obj if isinstance(obj, dict) else None
     return None
+
+
+async def published_pull(bus: Any, name: str,
+                         events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    """Pass a pull's progress through, publishing `pull.progress` (each status change, and
+    per layer at most every PULL_EVERY s), then `pull.done` or `pull.failed`."""
+    last: dict[str, float] = {}
+    status = None
+    try:
+        async for ev in events:
+            digest = ev.get("digest") or ""
+            now = time.monotonic()
+            done = ev.get("total") and ev.get("completed") == ev.get("total")
+            if ev.get("status") != status or done or now - last.get(digest, 0.0) >= PULL_EVERY:
+                status, last[digest] = ev.get("status"), now
+                bus.publish("pull.progress", model=name, **ev)
+            yield ev
+    except BaseException as e:
+        cancelled = isinstance(e, (GeneratorExit, asyncio.CancelledError, ConnectionError))
+        bus.publish("pull.failed", model=name,
+                    error="cancelled" if cancelled else (str(e) or type(e).__name__))
+        raise
+    if status == "success":
+        bus.publish("pull.done", model=name)
+    else:
+        bus.publish("pull.failed", model=name, error=f"ended after {status!r}")

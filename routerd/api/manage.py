@@ -19,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from .. import keys
+from ..activity import published_pull
 from ..bodies import stream_flag
 from .common import add_route, read_json
 from ..errors import BadRequest, ModelNotFound, RouterdError
@@ -126,7 +127,8 @@ async def pull(request: web.Request) -> web.StreamResponse:
     insecure = body.get("insecure") is True
     puller = request.app[PULLER]
     puller.check(name, insecure)  # invalid name, http without insecure, host not allowed
-    events = _refreshing(request, puller.pull(name, insecure=insecure))
+    events = published_pull(request.app[keys.EVENTS], name,
+                            _refreshing(request, puller.pull(name, insecure=insecure)))
     if stream_flag(body, default=True):
         return await stream_events(request, events)
     last: dict[str, Any] = {}
@@ -142,6 +144,7 @@ async def delete(request: web.Request) -> web.Response:
     store: Store = request.app[keys.STORE]
     await asyncio.to_thread(store.delete, name)
     _refresh_catalog(request)
+    request.app[keys.EVENTS].publish("model.deleted", model=name)
     return web.Response(status=200)
 
 

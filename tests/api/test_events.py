@@ -15,6 +15,7 @@ import pytest
 
 from routerd.events import EventBus
 from tests.conftest import Daemon
+from tests.fakes.registry import FakeRegistry
 
 BOUND = 30.0  # seconds any wait below may take at most
 
@@ -180,6 +181,29 @@ async def test_hundred_open_streams_do_not_break_requests(
             s.resp.close()
     await wait_subscribers(http, live, 0)
     await post(http, live, "/api/generate", {"model": "smollm2", "keep_alive": 0})
+
+
+@pytest.mark.engine
+async def test_pull_and_delete_are_published(live: Daemon, http: aiohttp.ClientSession,
+                                             model_path: Path) -> None:
+    s = await open_stream(http, live, "?types=pull.,model.deleted")
+    async with FakeRegistry() as reg:
+        reg.add_smollm2(model_path)
+        name = f"{reg.host}/library/smollm2:latest"
+        async with http.post(live.base_url + "/api/pull",
+                             json={"model": name, "insecure": True}) as r:
+            lines = [json.loads(line) for line in (await r.read()).splitlines()]
+        assert lines[-1] == {"status": "success"}
+    events = await s.until(is_("pull.done", model=name))
+    progress = [e for e in events if e["type"] == "pull.progress"]
+    assert progress[0]["model"] == name and progress[-1]["status"] == "success"
+    gguf = max((e for e in progress if e.get("total")), key=lambda e: e["total"])
+    done = [e for e in progress if e.get("digest") == gguf["digest"]]
+    assert done[-1]["completed"] == done[-1]["total"] == model_path.stat().st_size
+    async with http.delete(live.base_url + "/api/delete", json={"model": name}) as r:
+        assert r.status == 200
+    assert (await s.until(is_("model.deleted")))[-1]["model"] == name
+    s.resp.close()
 
 
 # ---------------------------------------------------------------- the bus alone

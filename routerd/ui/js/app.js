@@ -58,7 +58,7 @@ export const app = new App();
 
 function onEvent(ev) {
   const t = ev.type || "";
-  if (t.startsWith("model.") || t === "budget" || t === "request.done" || t === "hello") {
+  if (t.startsWith("model.") || t === "budget" || t.startsWith("request.") || t === "hello") {
     app.refresh("overview");
   }
   if (t === "hello" || t.startsWith("catalog.") || t === "pull.done" || t === "model.deleted") {

@@ -9,6 +9,9 @@ let table;
 let pullBox;
 const open = new Set(); // models whose details are shown
 let pulling = null;
+let pullingName = "";
+let elsewhere;
+const others = new Map(); // pulls started by other clients, from pull.* events
 
 export function mount(el, app) {
   table = h("table", { class: "models", id: "models-table" });
@@ -22,13 +25,36 @@ export function mount(el, app) {
     pull(name.value.trim(), insecure.checked, app);
   } }, name, h("label", { class: "check" }, insecure, " allow plain http"),
   h("button", { class: "primary", id: "pull-button", text: "Pull" }));
+  elsewhere = h("div", { id: "pulls-elsewhere" });
   el.append(h("h1", { text: "Models" }), h("h2", { text: "Pull a model" }), form, pullBox,
+    elsewhere,
     h("h2", { text: "Known models" }), h("div", { class: "scroll" }, table));
   app.addEventListener("tags", () => render(app));
   app.addEventListener("overview", () => render(app));
 }
 
 export function show(app) { render(app); }
+
+export function onEvent(ev) {
+  if (!ev.type.startsWith("pull.") || !elsewhere || ev.model === pullingName) return;
+  if (ev.type === "pull.progress") {
+    const p = others.get(ev.model) || { layers: new Map(), status: "" };
+    p.status = ev.status;
+    if (ev.digest && ev.total) p.layers.set(ev.digest, [ev.completed || 0, ev.total]);
+    others.set(ev.model, p);
+  } else {
+    others.delete(ev.model);
+  }
+  clear(elsewhere);
+  for (const [name, p] of others) {
+    let done = 0;
+    let total = 0;
+    for (const [c, t] of p.layers.values()) { done += c; total += t; }
+    elsewhere.append(h("div", { class: "pull", dataset: { pulling: name } },
+      h("b", { text: name }), h("span", { class: "muted", text: ` pulled by another client: ${p.status}` }),
+      h("progress", { max: 1, value: total ? done / total : 0 })));
+  }
+}
 
 function sourceOf(m) { return (m.routerd && m.routerd.source) || "store"; }
 
@@ -161,6 +187,7 @@ function pull(name, insecure, app) {
   clear(pullBox).append(h("div", { class: "row between" }, h("b", { text: name }), cancel),
     h("div", { class: "row" }, overall, pct), status, list);
   pulling = ctrl;
+  pullingName = name;
   const update = (ev) => {
     status.textContent = ev.status;
     if (ev.digest && ev.total) {
@@ -199,6 +226,7 @@ function pull(name, insecure, app) {
     })
     .finally(() => {
       pulling = null;
+      pullingName = "";
       cancel.disabled = true;
       app.refresh("tags");
     });
