@@ -59,6 +59,9 @@ def _request_key(name: str) -> Any:
 
 API_KEY = _request_key("api_key")  # request[API_KEY]: the matched KeyEntry, or None
 PUBLIC_PATHS = frozenset({"/", "/health"})
+# The dashboard's page and static files (the same public code for everyone; its data comes
+# from the API, which needs a key), known by the route that matched, not by the raw path.
+PUBLIC_ROUTES = frozenset({"/ui", "/ui/", "/ui/static/{path}"})
 CORS_METHODS = "GET, POST, PUT, DELETE, HEAD, OPTIONS"
 CORS_HEADERS = ("Authorization", "Content-Type", "Accept", "X-Requested-With")
 CORS_MAX_AGE = "600"
@@ -343,8 +346,13 @@ def cors_response_hook(config: Config) -> Callable[[web.Request, web.StreamRespo
 
 
 def _is_public(request: web.Request) -> bool:
-    return (request.method in ("GET", "HEAD") and request.path in PUBLIC_PATHS
-            and not request.query_string)
+    return (request.method in ("GET", "HEAD") and not request.query_string
+            and (request.path in PUBLIC_PATHS or _public_route(request)))
+
+
+def _public_route(request: web.Request) -> bool:
+    resource = request.match_info.route.resource
+    return resource is not None and resource.canonical in PUBLIC_ROUTES
 
 
 def _is_loopback_peer(remote: str | None) -> bool:

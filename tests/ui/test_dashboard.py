@@ -70,7 +70,7 @@ async def test_load_from_the_models_page(dash: Daemon, watched_page: Any,
     text = await card.inner_text()
     assert "0 / 2" in text and "2048" in text and "llama-server" in text
     assert await page.locator(".budget[data-resource=ram] .legend").inner_text()
-    await page.wait_for_selector("#chart-memory .line")  # the memory chart has its line
+    await page.wait_for_selector("#chart-memory .line", state="attached")  # its line
     await screenshot(page, tmp_path, "dashboard")
     await page.set_viewport_size({"width": 390, "height": 844})
     await page.wait_for_timeout(100)
