@@ -74,9 +74,24 @@ def _float32(x: float) -> float:
 # Arrays longer than this are not materialised: metadata shows them as None, the
 # way Ollama's /api/show model_info shows tokenizer.ggml.tokens unless verbose.
 MAX_ARRAY = 1024
-_MAX_KV = 1 << 20
-_MAX_TENSORS = 1 << 24
-_MAX_DIMS = 8
+# Header bounds, checked before anything is allocated for what a count claims (a 192-byte
+# file claiming 4e7 layers must not cost 600 MiB). Counts are also checked against the bytes
+# left in the file: every key or tensor entry takes at least _MIN_KV / _MIN_TENSOR bytes.
+_MAX_KV = 1 << 16  # real models carry under 100 keys
+_MAX_TENSORS = 1 << 17  # real models carry a few thousand tensors
+_MAX_DIMS = 8  # ggml has 4
+_MAX_KEY = (1 << 16) - 1  # the GGUF spec's limit on a key's length
+_MAX_NAME = 1024  # tensor names (ggml allows 63 bytes)
+_MAX_STRING = 1 << 20  # longer string values are not kept in metadata (None), like long arrays
+_MAX_KEPT = 1 << 16  # array elements materialised per file, all arrays together
+_MIN_KV = 8 + 4 + 1  # key length, value type, the smallest value
+_MIN_TENSOR = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
+_INT64_MAX = (1 << 63) - 1
+# llama.cpp's LLAMA_MAX_LAYERS is 512; the rest are far past any real model's shapes.
+_BOUNDS = {"block_count": 512, "embedding_length": 1 << 20, "feed_forward_length": 1 << 22,
+           "attention.head_count": 1 << 14, "attention.head_count_kv": 1 << 14,
+           "attention.key_length": 1 << 16, "attention.value_length": 1 << 16,
+           "context_length": (1 << 32) - 1, "vocab_size": 1 << 24}
 _SCALARS: dict[int, str] = {
     GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H",
     GGUFValueType.INT16: "h", GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i",
@@ -146,6 +161,10 @@ class _Header:
         self.buf = buf
         self.pos = offset
         self.e = "<"
+        self.kept = 0  # array elements materialised so far (bounded by _MAX_KEPT)
+
+    def left(self) -> int:
+        return len(self.buf) - self.pos
 
     def scalar(self, code: str) -> Any:
         st = _STRUCTS[self.e + code]
@@ -153,19 +172,31 @@ class _Header:
         self.pos += st.size
         return v
 
-    def string(self) -> str:
+    def string(self, limit: int | None = None, what: str = "string") -> str | None:
+        """A string; a longer one than ``limit`` is an error when ``what`` names a key or a
+        name, else it is skipped and read as None (a value too long to keep)."""
         n = self.scalar("Q")
         end = self.pos + n
         if end > len(self.buf):
-            raise GGUFError(f"string of {n} bytes at {self.pos} runs past the end")
+            raise GGUFError(f"truncated: {what} of {n} bytes at {self.pos} runs past the end")
+        if limit is not None and n > limit:
+            if what != "string":
+                raise GGUFError(f"{what} of {n} bytes at {self.pos} is longer than {limit}")
+            self.pos = end
+            return None
         s = self.buf[self.pos:end].decode("utf-8", "replace")
         self.pos = end
+        return s
+
+    def name(self, limit: int, what: str) -> str:
+        s = self.string(limit, what)
+        assert s is not None  # a key or a name over its limit raised
         return s
 
     def value(self, vtype: int) -> tuple[Any, int | None]:
         """Read one value; returns (value, array length or None)."""
         if vtype == GGUFValueType.STRING:
-            return self.string(), None
+            return self.string(_MAX_STRING), None
         code = _SCALARS.get(vtype)
         if code == "f":  # shortest float32 repr, as Ollama's JSON shows it: 1e-05
             return _float32(self.scalar(code)), None
@@ -173,10 +204,20 @@ class _Header:
             return self.scalar(code), None
         if vtype != GGUFValueType.ARRAY:
             raise GGUFError(f"unknown value type {vtype} at {self.pos}")
+        at = self.pos
         itype, count = self.scalar("I"), self.scalar("Q")
-        if count > MAX_ARRAY:
+        if itype == GGUFValueType.ARRAY:  # llama.cpp refuses them too
+            raise GGUFError(f"array of arrays at {at}: nested arrays are not supported")
+        code = _SCALARS.get(itype)
+        if code is None and itype != GGUFValueType.STRING:
+            raise GGUFError(f"array of unknown value type {itype} at {at}")
+        least = struct.calcsize(code) if code is not None else 8  # a string: its length
+        if count * least > self.left():
+            raise GGUFError(f"truncated: array of {count} elements at {at} runs past the end")
+        if count > MAX_ARRAY or self.kept + count > _MAX_KEPT:
             self.skip_array(itype, count)
             return None, count
+        self.kept += count
         return [self.value(itype)[0] for _ in range(count)], count
 
     def skip_array(self, itype: int, count: int) -> None:
@@ -256,20 +297,33 @@ def _parse(path: str, buf: mmap.mmap, offset: int) -> GGUFInfo:
     if version not in (2, 3):
         raise GGUFError(f"{path}: unsupported GGUF version {version}")
     n_tensors, n_kv = h.scalar("Q"), h.scalar("Q")
-    if n_kv > _MAX_KV or n_tensors > _MAX_TENSORS:
-        raise GGUFError(f"{path}: implausible counts ({n_kv} keys, {n_tensors} tensors)")
+    if n_kv > _MAX_KV or n_kv * _MIN_KV > h.left():
+        raise GGUFError(f"{path}: implausible header: {n_kv} keys (at most {_MAX_KV}, "
+                        f"and {h.left()} bytes left for them)")
+    if n_tensors > _MAX_TENSORS or n_kv * _MIN_KV + n_tensors * _MIN_TENSOR > h.left():
+        raise GGUFError(f"{path}: implausible header: {n_tensors} tensors (at most "
+                        f"{_MAX_TENSORS}, and {h.left()} bytes left for them and {n_kv} keys)")
     metadata: dict[str, Any] = {}
     lengths: dict[str, int] = {}
-    for _ in range(n_kv):
-        key = h.string()
-        value, length = h.value(h.scalar("I"))
-        metadata[key] = value
-        if length is not None:
-            lengths[key] = length
-    raw = [_tensor_info(h) for _ in range(n_tensors)]
+    try:
+        for _ in range(n_kv):
+            key = h.name(_MAX_KEY, "key")
+            value, length = h.value(h.scalar("I"))
+            metadata[key] = value
+            if length is not None:
+                lengths[key] = length
+        if n_tensors * _MIN_TENSOR > h.left():
+            raise GGUFError(f"truncated: {n_tensors} tensors do not fit in the {h.left()} bytes left")
+    except GGUFError as e:
+        raise GGUFError(f"{path}: {e}") from None
     align = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
     if not isinstance(align, int) or align <= 0 or align & (align - 1):
         raise GGUFError(f"{path}: invalid general.alignment {align!r}")
+    _check_shapes(path, metadata)
+    try:
+        raw = [_tensor_info(h, align) for _ in range(n_tensors)]
+    except GGUFError as e:
+        raise GGUFError(f"{path}: {e}") from None
     # Alignment is relative to the start of the GGUF, not of the file holding it.
     data_start = offset + -(-(h.pos - offset) // align) * align
     data_end = max((off + t.n_bytes for t, off in raw), default=0)
@@ -280,15 +334,34 @@ def _parse(path: str, buf: mmap.mmap, offset: int) -> GGUFInfo:
     return _info(path, offset, size, version, metadata, lengths, tuple(t for t, _ in raw))
 
 
-def _tensor_info(h: _Header) -> tuple[TensorInfo, int]:
-    name = h.string()
+def _check_shapes(path: str, md: dict[str, Any]) -> None:
+    """The model's shape numbers within _BOUNDS: what is sized from them (per-layer lists,
+    KV-cache and compute estimates) stays small and finite."""
+    arch = _str(md.get("general.architecture")) or "unknown"
+    for key, most in _BOUNDS.items():
+        v = md.get(f"{arch}.{key}")
+        for x in (v if isinstance(v, list) else [v]):
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                continue
+            if not 0 <= x <= most:  # NaN fails too
+                raise GGUFError(f"{path}: implausible {arch}.{key} = {x} "
+                                f"(at most {most})")
+
+
+def _tensor_info(h: _Header, align: int) -> tuple[TensorInfo, int]:
+    name = h.name(_MAX_NAME, "tensor name")
     n_dims = h.scalar("I")
     if n_dims > _MAX_DIMS:
         raise GGUFError(f"tensor {name!r} has {n_dims} dimensions")
     n_elements = 1
     for _ in range(n_dims):
         n_elements *= h.scalar("Q")
+        if n_elements > _INT64_MAX:
+            raise GGUFError(f"tensor {name!r} has more elements than INT64_MAX")
     raw_type, data_offset = h.scalar("I"), h.scalar("Q")
+    if data_offset % align:
+        raise GGUFError(f"tensor {name!r} data offset {data_offset} is not a multiple of "
+                        f"the alignment {align}")
     try:
         lib = _lib()
         qtype = lib.GGMLQuantizationType(raw_type)
