@@ -49,7 +49,7 @@ def put(info: GGUFInfo, r: list[GpuRoom] | None, **kw: Any) -> Placement:
 def argv(p: Placement, backend: str = "llama-server") -> tuple[list[str], dict[str, str]]:
     spec = LaunchSpec(model="m", path="/m.gguf", backend=backend, placement=p.assignment)
     a = build_argv(spec, host="127.0.0.1", port=1, api_key="k", llama_server="/bin/llama-server")
-    return a.argv, a.env
+    return a.argv, {k: v for k, v in a.env.items() if k.startswith("CUDA_")}
 
 
 def flag(args: list[str], name: str) -> str | None:

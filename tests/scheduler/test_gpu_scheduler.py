@@ -46,7 +46,8 @@ class GpuWorker(FakeWorker):
         self.entry, self.sim, self.scale = entry, sim, scale
         built = build_argv(entry.launch, host="127.0.0.1", port=1, api_key="k",
                            llama_server="/opt/llama-server")
-        self.argv, self.env = built.argv, built.env
+        self.argv = built.argv
+        self.env = {k: v for k, v in built.env.items() if k.startswith("CUDA_")}
 
     def flag(self, name: str) -> str | None:
         return self.argv[self.argv.index(name) + 1] if name in self.argv else None
