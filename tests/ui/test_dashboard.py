@@ -88,7 +88,7 @@ async def test_playground_streams_the_answer(dash: Daemon, watched_page: Any,
     await page.select_option("#pg-model", "smollm2")
     await page.fill("#pg-temperature", "0")
     await page.fill("#pg-seed", "1")
-    await page.fill("#pg-max-tokens", "48")
+    await page.fill("#pg-max-tokens", "24")
     await page.fill("#pg-input", MOON)
     await page.click("#pg-send")
     answer = page.locator(".msg.assistant[data-done='1']")
@@ -137,6 +137,16 @@ async def test_pull_shows_progress_then_the_model(dash: Daemon, watched_page: An
         await open_page(page, dash, "models")
         await page.fill("#pull-name", name)
         await page.check("#pull-insecure")
+        # A slow pull, cancelled from the page once it shows progress...
+        reg.faults.delay = 0.05
+        await page.click("#pull-button")
+        await page.wait_for_function(
+            "() => parseInt(document.querySelector('#pull-percent').textContent) >= 1")
+        await page.click("#pull-cancel")
+        await page.wait_for_selector("#pull-progress[data-result=cancelled]")
+        assert name not in [m["name"] for m in dash.get("/api/tags")["models"]]
+        # ... then pulled again at full speed (it resumes), to 100 %.
+        reg.faults.reset()
         await page.click("#pull-button")
         await page.wait_for_selector("#pull-progress[data-result=success]", timeout=120_000)
     assert await page.inner_text("#pull-percent") == "100%"
@@ -205,6 +215,7 @@ async def test_killed_worker_shows_its_failure(dash: Daemon, watched_page: Any,
     await page.select_option("#logs-model", "smollm2")
     await page.wait_for_function(
         "() => document.querySelector('#logs-output').textContent.includes('llama')")
+    assert "exited with code -9" in await page.inner_text("#logs-crash")
     await screenshot(page, tmp_path, "logs")
     clean(watch, dash)
 

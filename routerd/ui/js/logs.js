@@ -8,6 +8,7 @@ let pick;
 let follow;
 let out;
 let note;
+let crash;
 let ctrl = null;
 let shown = false;
 const MAX_CHARS = 400000;
@@ -18,11 +19,12 @@ export function mount(el, app) {
     onchange: () => start(app) });
   note = h("p", { class: "muted", id: "logs-note" });
   out = h("pre", { class: "logs", id: "logs-output", tabindex: 0 });
+  crash = h("div", { id: "logs-crash" });
   el.append(h("h1", { text: "Logs" }),
     h("div", { class: "row wrap" }, h("label", {}, "model ", pick),
       h("label", { class: "check" }, follow, " follow"),
       h("button", { text: "Reload", onclick: () => start(app) })),
-    note, out);
+    note, crash, out);
   app.addEventListener("tags", () => fill(app));
 }
 
@@ -60,6 +62,14 @@ function start(app) {
     : failed ? `${name} failed: the last worker's output (crash tail) — ${failed.reason.split("\n")[0]}`
       : `${name} is not loaded: the last worker's output, if any`;
   out.classList.toggle("crash", Boolean(failed));
+  // The last crash's tail (the failed worker's last lines), while its successor runs.
+  const lf = app.overview && app.overview.last_failure && app.overview.last_failure[name];
+  clear(crash);
+  if (lf && !failed) {
+    crash.append(h("p", { class: "error", text: `last crash at ${new Date(lf.time * 1000)
+      .toLocaleTimeString([], { hour12: false })}: the failed worker's last lines` }),
+    h("pre", { class: "logs crash tail", text: lf.reason }));
+  }
   const c = new AbortController();
   ctrl = c;
   const q = `/api/logs?model=${encodeURIComponent(name)}${follow.checked && live ? "&follow=1" : ""}`;

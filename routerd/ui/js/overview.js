@@ -18,11 +18,13 @@ export function mount(el, app) {
     failed: h("div", { id: "failed" }),
     host: h("dl", { class: "facts", id: "host" }),
     charts: h("div", { class: "charts", id: "charts" }),
+    queue: h("span", { class: "muted", id: "queue" }),
   };
   el.append(
     h("h1", { text: "Overview" }),
     h("h2", { text: "Memory budgets" }), parts.budgets,
-    h("h2", { text: "Loaded models" }), parts.failed, parts.models,
+    h("div", { class: "row between" }, h("h2", { text: "Loaded models" }), parts.queue),
+    parts.failed, parts.models,
     h("div", { class: "two" },
       h("div", {}, h("h2", { text: "Last hour" }), parts.charts),
       h("div", {}, h("h2", { text: "Host" }), parts.host)),
@@ -120,6 +122,7 @@ function stateBadge(m) {
 }
 
 function renderModels(o, app) {
+  parts.queue.textContent = `${o.queue} request${o.queue === 1 ? "" : "s"} waiting in the queue`;
   clear(parts.failed);
   for (const f of o.failed) {
     parts.failed.append(h("div", { class: "alert error", dataset: { failed: f.name } },
@@ -210,8 +213,9 @@ function drawCharts() {
   const now = Date.now() / 1000;
   const from = now - history.window;
   const tokens = Object.entries(history.tokens_per_s).map(([name, pts]) => ({ name, pts }));
+  const top = Math.max(0, ...tokens.flatMap((t) => t.pts.map((p) => p[1])));
   parts.charts.append(lineChart("tokens/s per request", tokens, { from, to: now,
-    format: (v) => v.toFixed(0), id: "chart-tokens" }));
+    format: (v) => v.toFixed(top < 10 ? 1 : 0), id: "chart-tokens" }));
   const mem = [];
   for (const [name, byRes] of Object.entries(history.memory)) {
     for (const [res, pts] of Object.entries(byRes)) mem.push({ name: `${name} ${res}`, pts });

@@ -1,6 +1,6 @@
 // Playground: chat with any model, streamed over /api/chat, with its options; tokens/s.
 
-import { streamNDJSON } from "./api.js";
+import { getJSON, streamNDJSON } from "./api.js";
 import { h, clear, toast } from "./dom.js";
 
 let els = {};
@@ -9,7 +9,8 @@ let ctrl = null;
 
 export function mount(el, app) {
   els = {
-    model: h("select", { id: "pg-model" }),
+    model: h("select", { id: "pg-model", onchange: () => defaults() }),
+    defaults: h("p", { class: "muted", id: "pg-defaults" }),
     system: h("textarea", { id: "pg-system", rows: 2,
       placeholder: "system prompt (empty: the model's default)" }),
     temperature: h("input", { id: "pg-temperature", type: "number", step: "0.1", min: "0",
@@ -35,13 +36,30 @@ export function mount(el, app) {
     h("div", { class: "row wrap options" },
       h("label", {}, "model ", els.model), h("label", {}, "temperature ", els.temperature),
       h("label", {}, "max tokens ", els.maxTokens), h("label", {}, "seed ", els.seed)),
-    els.system, els.log, form);
+    els.defaults, els.system, els.log, form);
   app.addEventListener("tags", () => {
     const current = els.model.value;
     clear(els.model);
     for (const n of app.modelNames()) els.model.append(h("option", { value: n, text: n }));
     if (current) els.model.value = current;
+    defaults();
   });
+}
+
+// The model's own default options and system prompt (what an empty field leaves in place).
+let shownFor = "";
+function defaults() {
+  const name = els.model.value;
+  if (!name || name === shownFor) return;
+  shownFor = name;
+  getJSON(`/api/ui/model?name=${encodeURIComponent(name)}`).then((m) => {
+    if (els.model.value !== name) return;
+    const opts = Object.entries(m.options || {}).map(([k, v]) => `${k} ${JSON.stringify(v)}`);
+    els.defaults.textContent = `${name}: context ${m.ctx_size}, ${m.parallel} slot(s)` +
+      (opts.length ? `; default options: ${opts.join(", ")}` : "; no default options");
+    els.system.placeholder = m.system ? `system prompt (default: ${m.system})`
+      : "system prompt (none by default)";
+  }).catch(() => { shownFor = ""; });
 }
 
 function bubble(role, text) {
