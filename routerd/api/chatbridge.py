@@ -28,7 +28,7 @@ from aiohttp import web
 
 from .. import keys
 from ..dispatch import Call, StreamBroken
-from ..errors import RouterdError, UpstreamError
+from ..errors import BadRequest, RouterdError, UpstreamError
 from .common import engine_call, keep_alive_field
 from .translate import tools
 from .translate.sse import DONE, SSEDecoder, encode_sse, error_event_openai
@@ -60,6 +60,8 @@ class Converter(Protocol):
 def _engine_body(request: web.Request, name: str, chat: dict[str, Any]
                  ) -> tuple[Any, dict[str, Any], tools.ToolForce | None]:
     entry = request.app[keys.CATALOG].resolve(name)
+    if _has_images(chat) and not entry.launch.projector:
+        raise BadRequest(f"model {name!r} does not support image input (no vision projector)")
     force = tools.forced_choice(chat)
     body = tools.enforce(chat, force) if force else dict(chat)
     if force:
@@ -67,6 +69,15 @@ def _engine_body(request: web.Request, name: str, chat: dict[str, Any]
         body.pop("stream_options", None)
     body["model"] = entry.name
     return entry, body, force
+
+
+def _has_images(chat: dict[str, Any]) -> bool:
+    for m in chat.get("messages") or ():
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and any(
+                isinstance(p, dict) and p.get("type") == "image_url" for p in content):
+            return True
+    return False
 
 
 def _call(request: web.Request, name: str, path: str, body: dict[str, Any], entry: Any,
