@@ -54,20 +54,28 @@ def model_view(snap: Any, runner: Any, expected_load: float | None,
     return view
 
 
+def _gpus(acct: Any) -> list[dict[str, Any]]:
+    try:
+        return list(acct.gpus())
+    except Exception:  # noqa: BLE001 - a probe that fails shows the budgets alone
+        return []
+
+
 def budgets_view(acct: Any, models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One bar per budget: booked per model, free, memory other processes hold (GPUs), and
+    the reserve routerd keeps out of its budget; the parts add up to the resource's total."""
     budget = acct.budget()
     totals: dict[str, int] = {}
+    others: dict[str, int] = {}
     labels: dict[str, str] = {"ram": "RAM"}
     try:
         totals["ram"] = int(acct.ram.total())
-    except Exception:  # noqa: BLE001 - a probe that fails shows the budget alone
-        totals["ram"] = budget.get("ram", 0)
-    try:
-        for d in acct.gpu.devices():
-            totals[f"gpu{d.index}"] = int(d.total)
-            labels[f"gpu{d.index}"] = f"GPU {d.index} · {d.name}"
     except Exception:  # noqa: BLE001
-        pass
+        totals["ram"] = budget.get("ram", 0)
+    for g in _gpus(acct):
+        res = f"gpu{g['index']}"
+        totals[res], others[res] = int(g["total"]), int(g.get("other_processes", 0))
+        labels[res] = f"GPU {g['index']} · {g['name']}"
     out = []
     for res, cap in budget.items():
         held = []
@@ -78,20 +86,16 @@ def budgets_view(acct: Any, models: list[dict[str, Any]]) -> list[dict[str, Any]
                              "estimate": m["estimate"].get(res),
                              "measured": m["measured"].get(res)})
         used = sum(h["booked"] for h in held)
-        total = max(totals.get(res, cap), cap)
+        other = others.get(res, 0)
+        total = max(totals.get(res, cap), cap + other)
         out.append({"resource": res, "label": labels.get(res, res.upper()), "total": total,
-                    "budget": cap, "reserve": total - cap, "booked": used,
-                    "free": max(0, cap - used), "models": held})
+                    "budget": cap, "other": other, "reserve": total - cap - other,
+                    "booked": used, "free": max(0, cap - used), "models": held})
     return out
 
 
 def host_view(acct: Any, engines: dict[str, str]) -> dict[str, Any]:
-    gpus = []
-    try:
-        gpus = [{"index": d.index, "name": d.name, "total": d.total, "used": d.used}
-                for d in acct.gpu.devices()]
-    except Exception:  # noqa: BLE001
-        pass
+    gpus = [{k: g.get(k) for k in ("index", "name", "total", "used")} for g in _gpus(acct)]
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:

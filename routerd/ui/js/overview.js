@@ -102,11 +102,18 @@ function renderBudgets(o) {
     }
     bar.append(h("div", { class: "seg free", style: { width: pct(b.free) },
       dataset: { free: b.free }, title: `free ${bytes(b.free)}` }));
+    if (b.other) {
+      bar.append(h("div", { class: "seg other", style: { width: pct(b.other) },
+        title: `held by other processes ${bytes(b.other)}` }));
+    }
     bar.append(h("div", { class: "seg reserve", style: { width: pct(b.reserve) },
       title: `reserve (outside the budget) ${bytes(b.reserve)}` }));
-    legend.append(
+    legend.append(...[
       h("li", {}, h("span", { class: "swatch free" }), "free ", bytes(b.free)),
-      h("li", {}, h("span", { class: "swatch reserve" }), "reserve ", bytes(b.reserve)));
+      b.other ? h("li", {}, h("span", { class: "swatch other" }), "other processes ",
+        bytes(b.other)) : null,
+      h("li", {}, h("span", { class: "swatch reserve" }), "reserve ", bytes(b.reserve)),
+    ].filter(Boolean));
     parts.budgets.append(h("div", { class: "budget", dataset: { resource: b.resource } },
       h("div", { class: "row between" },
         h("strong", { text: b.label }),
