@@ -3,15 +3,23 @@
 Sources, in precedence order: models in the config, models pulled into the store (and an
 Ollama store read-only), models discovered on disk. A name is owned by the first source that
 claims it; later sources never shadow it silently.
+
+A rebuild lists the store and scans the discovery folders (0.24 s with 5,000 files), so on
+the request path it runs in a thread: `refresh_async` (always a fresh scan, shared by the
+callers waiting at once) and `lookup` (an unknown name rescans at most once per
+`rescan_interval`, and every request asking meanwhile shares that scan or none).
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NoReturn, Sequence
 
 import structlog
 
@@ -120,23 +128,85 @@ def with_load_options(entry: ModelEntry, options: Mapping[str, Any]) -> ModelEnt
     return replace(entry, launch=replace(entry.launch, **changes))
 
 
+RESCAN_INTERVAL = 5.0  # seconds: an unknown name rescans the sources at most this often
+
+_Built = tuple[int, dict[str, ModelEntry], dict[str, str], list[tuple[str, str]]]
+
+
 class Catalog:
-    """Name → ModelEntry, rebuilt by `refresh()` (start, SIGHUP, pull, delete)."""
+    """Name → ModelEntry, rebuilt by `refresh()` (start, SIGHUP, pull, delete) or, off the
+    event loop, by `refresh_async()` and `lookup()`."""
 
     def __init__(self, config: Config, *, store: Store | None = None,
                  llama_server: str | None = None,
-                 discovered: Callable[[], Iterable[ModelEntry]] | None = None) -> None:
+                 discovered: Callable[[], Iterable[ModelEntry]] | None = None,
+                 rescan_interval: float = RESCAN_INTERVAL) -> None:
         self.config, self.store, self.llama_server = config, store, llama_server
         self._discovered = discovered
+        self.rescan_interval = rescan_interval
         self._entries: dict[str, ModelEntry] = {}
         self._names: dict[str, str] = {}
         self.shadowed: list[tuple[str, str]] = []  # (name, location) of entries that lost a name
         self.gone: dict[str, str] = {}  # discovered names that disappeared → where they were
+        self._build_lock = threading.Lock()  # one build at a time: a thread's or the caller's
+        self._built = self._applied = 0  # generations: a build older than the applied one is dropped
+        self._pending: asyncio.Task[None] | None = None  # a scan not started yet: new callers join
+        self._running: asyncio.Task[None] | None = None  # the scan building now
+        self._rescanned_at = float("-inf")  # monotonic time of the last unknown-name rescan
         self.refresh()
 
     def refresh(self, config: Config | None = None) -> None:
+        """Rebuild now, in the caller's thread (start, SIGHUP, after a pull or a delete)."""
         if config is not None:
             self.config = config
+        self._apply(self._build())
+
+    async def refresh_async(self) -> None:
+        """Rebuild in a thread: the listing sees what is on disk now, and callers asking at
+        once share one scan (one that had not started when they asked)."""
+        await asyncio.shield(self._scan())
+
+    async def close(self) -> None:
+        """Wait for a scan still in its thread (a build cannot be interrupted)."""
+        for task in (self._pending, self._running):
+            if task is not None:
+                await asyncio.wait({task})
+
+    def _scan(self) -> asyncio.Task[None]:
+        """The scan a caller asking now can rely on: the pending one, or a new one that runs
+        once the running one is done."""
+        if self._pending is None:
+            self._pending = asyncio.get_running_loop().create_task(
+                self._run_scan(self._running))
+        return self._pending
+
+    async def _run_scan(self, before: asyncio.Task[None] | None) -> None:
+        if before is not None:
+            await asyncio.wait({before})
+        self._running, self._pending = self._pending, None
+        try:
+            t0 = time.monotonic()
+            built = await asyncio.to_thread(self._build)
+            self._apply(built)
+            log.debug("catalog.scanned", models=len(self._entries),
+                      seconds=round(time.monotonic() - t0, 3))
+        finally:
+            self._running = None
+
+    def _rescan_due(self) -> bool:
+        """An unknown name may rescan: none ran in the last rescan_interval seconds."""
+        now = time.monotonic()
+        if now - self._rescanned_at < self.rescan_interval:
+            return False
+        self._rescanned_at = now
+        return True
+
+    def _build(self) -> _Built:
+        with self._build_lock:
+            self._built += 1
+            return (self._built, *self._collect())
+
+    def _collect(self) -> tuple[dict[str, ModelEntry], dict[str, str], list[tuple[str, str]]]:
         entries: dict[str, ModelEntry] = {}
         names: dict[str, str] = {}
         shadowed: list[tuple[str, str]] = []
@@ -162,6 +232,13 @@ class Catalog:
         if self._discovered is not None:
             for e in self._discovered():
                 add(e)
+        return entries, names, shadowed
+
+    def _apply(self, built: _Built) -> None:
+        generation, entries, names, shadowed = built
+        if generation < self._applied:
+            return  # a newer build is in place already
+        self._applied = generation
         previous = self._entries
         self._entries, self._names, self.shadowed = entries, names, shadowed
         for name, old in previous.items():
@@ -179,17 +256,45 @@ class Catalog:
             canonical = self._names.get(f"{name}:latest")
         return self._entries.get(canonical) if canonical else None
 
-    def resolve(self, name: str) -> ModelEntry:
+    def _may_be_new(self, name: str) -> bool:
+        """A name that a pull by another process (a copy, `ollama pull`) could have added."""
+        return self.store is not None and ("/" in name or ":" in name)
+
+    async def lookup(self, name: str) -> ModelEntry:
+        """`resolve` for the request path: an unknown name that could be new waits for a
+        rescan in a thread: the one running, else a new one at most every rescan_interval."""
         entry = self.get(name)
-        if entry is None and self.store is not None and ("/" in name or ":" in name):
-            self.refresh()  # pulled since the last refresh (another process, a copy)
+        if entry is None and self._may_be_new(name):
+            scanning = self._pending or self._running
+            if scanning is not None:
+                await asyncio.shield(scanning)
+            elif self._rescan_due():
+                log.info("catalog.rescan", name=name[:200], reason="unknown name")
+                await asyncio.shield(self._scan())
             entry = self.get(name)
-        if entry is None:
-            if name in self.gone:
-                raise ModelNotFound(f"model {name!r} not found: it was at {self.gone[name]}, "
-                                    "which no longer exists")
-            raise ModelNotFound(f"model {name!r} not found, try pulling it first")
-        return entry
+        return entry if entry is not None else self._not_found(name)
+
+    def resolve(self, name: str) -> ModelEntry:
+        """The entry for a name or alias, else ModelNotFound. Never scans on an event loop:
+        an unknown name that could be new starts a rescan in a thread (at most every
+        rescan_interval) for the requests after it; `lookup` waits for that scan."""
+        entry = self.get(name)
+        if entry is None and self._may_be_new(name) and self._rescan_due():
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:  # no loop to block (a tool, a test): scan here
+                self.refresh()
+                entry = self.get(name)
+            else:
+                log.info("catalog.rescan", name=name[:200], reason="unknown name")
+                self._scan()  # owned by the catalog; close() waits for it
+        return entry if entry is not None else self._not_found(name)
+
+    def _not_found(self, name: str) -> NoReturn:
+        if name in self.gone:
+            raise ModelNotFound(f"model {name!r} not found: it was at {self.gone[name]}, "
+                                "which no longer exists")
+        raise ModelNotFound(f"model {name!r} not found, try pulling it first")
 
     def names(self) -> Sequence[str]:
         return list(self._entries)
