@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from routerd.scheduler import placement  # noqa: E402
+from routerd.scheduler import memory, placement  # noqa: E402
 from routerd.store.gguf import read_gguf  # noqa: E402
 
 MiB = 1 << 20
@@ -58,7 +58,7 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited {proc.returncode}")
+            raise RuntimeError(f"{url}: the server exited {proc.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
@@ -100,6 +100,7 @@ class Check:
         self.info = read_gguf(args.model)
         self.res = "gpu0" if self.gpu else "ram"
         self.lines: list[str] = []
+        self.calibration: tuple[int, Path] | None = None
         self.failures: list[str] = []
         self.work = Path(args.work)
         self.work.mkdir(parents=True, exist_ok=True)
@@ -232,10 +233,11 @@ class Check:
         env = dict(os.environ)
         if ngl == 0:
             env["CUDA_VISIBLE_DEVICES"] = ""
-        log = open(self.work / f"llama-server-ngl{ngl}.log", "ab")
+        log_path = self.work / f"llama-server-ngl{ngl}.log"
+        log = open(log_path, "wb")
         proc = subprocess.Popen([str(self.args.llama_server), "-m", str(self.args.model),
                                  "--host", "127.0.0.1", "--port", str(port), "-c", str(CTX),
-                                 "-np", "1", "-ngl", str(ngl), "--no-webui"],
+                                 "-np", "1", "-ngl", str(ngl), "--no-webui", "-lv", "4"],
                                 stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
         try:
@@ -243,6 +245,8 @@ class Check:
             url = f"http://127.0.0.1:{port}/completion"
             http(url, {"prompt": PROMPT, "n_predict": 4})
             out = http(url, {"prompt": STORY, "n_predict": 128, "temperature": 0, "seed": 1})
+            if self.gpu and ngl:
+                self.calibration = (nvidia_smi_apps().get(proc.pid, 0), log_path)
             return float(out["timings"]["predicted_per_second"])
         finally:
             stop(proc)
@@ -258,6 +262,23 @@ class Check:
         for ngl in ([99, 0] if self.gpu else [0]):
             where = "GPU" if ngl else "CPU"
             self.note(f"| llama-server direct | {where} | {self.direct_speed(ngl):.1f} |")
+        if self.calibration:
+            self.note_calibration(*self.calibration)
+
+    def note_calibration(self, nvml_mib: int, log_path: Path) -> None:
+        """What llama-server's own buffers leave of its NVML figure: the CUDA context and
+        workspaces, which the estimate books as memory.GPU_CONTEXT per GPU."""
+        buffers = memory.parse_engine_buffers(log_path.read_text(errors="replace").splitlines())
+        dev = {k: sum(n for name, n in per.items() if not memory.is_host_buffer(name))
+               for k, per in buffers.items()}
+        total = sum(dev.values())
+        self.note()
+        self.note(f"Direct llama-server on the GPU (-ngl 99, -c {CTX}): nvidia-smi "
+                  f"{nvml_mib} MiB; its device buffers "
+                  + ", ".join(f"{k} {n / MiB:.1f}" for k, n in sorted(dev.items()) if n)
+                  + f" MiB = {total / MiB:.1f} MiB; the rest, {nvml_mib - total / MiB:.0f} MiB, "
+                  f"is the CUDA context and workspaces (the estimate books "
+                  f"{memory.GPU_CONTEXT / MiB:.0f} MiB).")
 
     # --------------------------------------------------------------- run
     def run(self) -> int:
