@@ -36,7 +36,7 @@ from routerd.store.gguf import read_gguf  # noqa: E402
 
 MiB = 1 << 20
 CTX = 2048
-PROMPT = "The capital of France is"
+PROMPT = "Which city is the capital of France?"  # SmolLM2: "The capital of France is Paris."
 STORY = "Write a long story about a dragon who learns to fly."
 RESERVE = 512 * MiB
 
@@ -197,7 +197,7 @@ class Check:
     def check_partial(self, budget: int, big_ctx: int) -> None:
         full = self.copy_need(big_ctx)
         try:
-            out = self.gen("big", n=12)
+            out = self.gen("big", n=16)
         except urllib.error.HTTPError as e:
             if self.gpu or e.code != 507:
                 raise
