@@ -36,6 +36,8 @@ def model_view(snap: Any, runner: Any, expected_load: float | None,
         "queued": max(0, snap.in_use - snap.inflight), "booked": dict(snap.booked),
         "estimate": dict(snap.estimate), "measured": dict(snap.measured or {}),
         "pinned": pinned, "keep_alive": None if pinned else keep_alive,
+        # keep_alive 0 on a busy model (Ollama's unload): it stops when its requests end
+        "unload_when_idle": keep_alive == 0 and snap.in_use > 0,
         "expires_at": snap.expires_at,
         "expires_in": None if snap.expires_at is None else max(0.0, snap.expires_at - time.time()),
         "load_seconds": round(snap.load_seconds, 3), "source": snap.entry.source,

@@ -98,10 +98,10 @@ function actions(m, r, app) {
   if (!r || r.state === "queued") {
     out.push(btn("Load", "load", () => load(m.name), "primary"));
   } else {
-    out.push(btn("Unload", "unload", () => act(m.name, 0, "unloaded")));
+    out.push(btn("Unload", "unload", () => act(m.name, 0, "unloading", app)));
   }
-  if (r && r.pinned) out.push(btn("Unpin", "unpin", () => act(m.name, r.keep_alive_default ?? "5m", "unpinned")));
-  else out.push(btn("Pin", "pin", () => act(m.name, -1, "pinned")));
+  if (r && r.pinned) out.push(btn("Unpin", "unpin", () => act(m.name, r.keep_alive_default ?? "5m", "unpinned", app)));
+  else out.push(btn("Pin", "pin", () => act(m.name, -1, "pinned", app)));
   out.push(btn(open.has(m.name) ? "Hide" : "Details", "details", () => {
     if (open.has(m.name)) open.delete(m.name); else open.add(m.name);
     render(app);

@@ -150,7 +150,10 @@ function renderModels(o, app) {
       card.append(h("div", { class: "loading" }, prog, h("span", { class: "muted",
         text: m.loading_for !== undefined ? ` ${m.loading_for.toFixed(1)} s` : "" })));
     }
-    const keep = m.pinned ? "pinned" : m.expires_at
+    const keep = m.pinned ? "pinned" : m.unload_when_idle
+      ? h("span", { class: "warn", dataset: { unloading: "1" },
+        text: "unloads when its requests finish" })
+      : m.expires_at
       ? h("span", { class: "countdown", dataset: { deadline: m.expires_at },
         text: duration(m.expires_at - Date.now() / 1000) })
       : m.in_flight ? "while busy" : "–";
@@ -171,12 +174,12 @@ function renderModels(o, app) {
         h("pre", { class: "error", text: lf.reason })));
     }
     card.append(h("div", { class: "row" },
-      h("button", { onclick: () => act(m.name, 0, "unloaded"), "data-action": "unload",
+      h("button", { onclick: () => act(m.name, 0, "unloading", app), "data-action": "unload",
         text: "Unload" }),
       m.pinned
-        ? h("button", { onclick: () => act(m.name, m.keep_alive_default ?? "5m", "unpinned"),
+        ? h("button", { onclick: () => act(m.name, m.keep_alive_default ?? "5m", "unpinned", app),
           "data-action": "unpin", text: "Unpin" })
-        : h("button", { onclick: () => act(m.name, -1, "pinned"), "data-action": "pin",
+        : h("button", { onclick: () => act(m.name, -1, "pinned", app), "data-action": "pin",
           text: "Pin" })));
     parts.models.append(card);
   }
@@ -191,13 +194,16 @@ function memText(m) {
   }).join(", ");
 }
 
-export async function act(name, keepAlive, done) {
+// Load, unload, pin, unpin: Ollama's empty-prompt generate with a keep_alive. An unload of a
+// busy model or a new keep-alive publishes no event of its own: refresh the overview.
+export async function act(name, keepAlive, done, app) {
   try {
     await postJSON("/api/generate", { model: name, prompt: "", keep_alive: keepAlive });
     toast(`${name} ${done}`);
   } catch (e) {
     toast(`${name}: ${e.message}`, "error");
   }
+  if (app) app.refresh("overview");
 }
 
 function renderHost(host) {
