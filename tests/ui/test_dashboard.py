@@ -77,6 +77,13 @@ async def test_load_from_the_models_page(dash: Daemon, watched_page: Any,
     assert await page.evaluate("document.documentElement.scrollWidth") <= 390
     await screenshot(page, tmp_path, "dashboard-phone")
     await page.set_viewport_size({"width": 1280, "height": 800})
+    # Dark when the system is dark.
+    background = "getComputedStyle(document.body).backgroundColor"
+    assert await page.evaluate(background) == "rgb(246, 247, 249)"
+    await page.emulate_media(color_scheme="dark")
+    assert await page.evaluate(background) == "rgb(18, 21, 26)"
+    await screenshot(page, tmp_path, "dashboard-dark")
+    await page.emulate_media(color_scheme="light")
     clean(watch, dash)
 
 
