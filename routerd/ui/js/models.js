@@ -8,6 +8,7 @@ import { act } from "./overview.js";
 let table;
 let pullBox;
 const open = new Set(); // models whose details are shown
+const cells = new Map(); // their details, fetched once per opening
 let pulling = null;
 let pullingName = "";
 let elsewhere;
@@ -83,9 +84,14 @@ function render(app) {
       h("td", { class: "actions" }, actions(m, r, app)));
     body.append(row);
     if (open.has(m.name)) {
-      const cell = h("td", { colspan: 6 });
+      // Fetched once when opened, then kept: re-renders on events do not refetch.
+      let cell = cells.get(m.name);
+      if (!cell) {
+        cell = h("td", { colspan: 6 });
+        cells.set(m.name, cell);
+        details(m.name, cell);
+      }
       body.append(h("tr", { class: "details", dataset: { detailsOf: m.name } }, cell));
-      details(m.name, cell);
     }
   }
   table.append(body);
@@ -104,6 +110,7 @@ function actions(m, r, app) {
   else out.push(btn("Pin", "pin", () => act(m.name, -1, "pinned", app)));
   out.push(btn(open.has(m.name) ? "Hide" : "Details", "details", () => {
     if (open.has(m.name)) open.delete(m.name); else open.add(m.name);
+    cells.delete(m.name);
     render(app);
   }));
   if (sourceOf(m) === "store") {
@@ -166,6 +173,8 @@ async function remove(m, app) {
     `This deletes the model ${m.name} from routerd's store and frees up to ${bytes(m.size)} ` +
     "on disk (its layers that no other model uses).");
   if (!ok) return;
+  open.delete(m.name);
+  cells.delete(m.name);
   try {
     await call("/api/delete", { method: "DELETE", body: { model: m.name } });
     toast(`${m.name} deleted`);
