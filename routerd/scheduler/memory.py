@@ -1,11 +1,15 @@
 """How much memory a model will take, and how much the machine has.
 
-``estimate`` works from GGUF metadata before a worker starts; the probes measure
-the machine and running workers; ``MeasurementBook`` remembers what workers really
-used so the next estimate for the same model is the measured figure.
+``estimate`` works from GGUF metadata before a worker starts, per device for a given
+-ngl and tensor split (``layer_devices`` follows llama.cpp's layer assignment);
+``max_gpu_layers`` is ``gpu_layers: auto`` for a room (placement.py picks the GPUs); the
+probes measure the machine and running workers (GPUs: gpus.py); ``MeasurementBook``
+remembers what workers really used so the next estimate for the same model is the
+measured figure.
 
 Constants were calibrated against the vendored llama.cpp (llama-cpp-python 0.3.36)
-on CPU with SmolLM2-135M (bench/memory_estimate.py); GPU constants follow Ollama.
+on CPU with SmolLM2-135M (bench/memory_estimate.py); GPU constants follow Ollama and
+have not been checked on a GPU yet (scripts/gpu-check.sh measures them).
 """
 
 from __future__ import annotations
