@@ -14,6 +14,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
+from .api.common import MODEL_NAME
+from .api.security import API_KEY
 from .errors import RouterdError
 from .keys import EVENTS
 
@@ -48,8 +50,6 @@ def dialect_of(path: str) -> str:
 
 
 def _client(request: web.Request) -> str:
-    from .api.security import API_KEY  # late: security imports config, which is heavy
-
     entry = request.get(API_KEY)
     label = getattr(entry, "name", None) or getattr(entry, "label", None)
     return f"key {label}" if label else (request.remote or "")
@@ -96,8 +96,6 @@ async def activity_middleware(request: web.Request, handler: Handler) -> web.Str
         error = str(e) or type(e).__name__
         raise
     finally:
-        from .api.common import MODEL_NAME
-
         model = request.get(MODEL_NAME)
         if model:
             _finish(request, model, status, time.monotonic() - t0, error)
