@@ -29,6 +29,11 @@ class App extends EventTarget {
     getJSON(url).then((data) => {
       this[what] = data;
       this.dispatchEvent(new CustomEvent(what, { detail: data }));
+      // A model the list does not know yet (a config reload added it): list again.
+      if (what === "overview" && this.tags) {
+        const known = new Set(this.tags.models.map((m) => m.name));
+        if (data.models.some((m) => !known.has(m.name))) this.refresh("tags");
+      }
     }).catch((e) => {
       if (e.name !== "AbortError") toast(`${url}: ${e.message}`, "error");
     }).finally(() => {
