@@ -206,6 +206,21 @@ async def test_pull_and_delete_are_published(live: Daemon, http: aiohttp.ClientS
     s.resp.close()
 
 
+async def test_streams_end_when_routerd_stops(tmp_path: Path,
+                                             http: aiohttp.ClientSession) -> None:
+    """An open event stream does not hold the shutdown's drain (120 s) open: routerd exits
+    0 on SIGTERM before Daemon.stop's 30 s run out (else it is SIGKILLed: -9)."""
+    d = Daemon({"models": {}, "timeouts": {"drain": "120s"}}, tmp_path)
+    try:
+        s = await open_stream(http, d)
+        code = await asyncio.to_thread(d.stop)
+        assert code == 0, d.log()
+        with pytest.raises(EOFError):
+            await s.next()
+    finally:
+        d.stop()
+
+
 # ---------------------------------------------------------------- the bus alone
 
 
