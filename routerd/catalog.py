@@ -149,7 +149,7 @@ class Catalog:
         self.shadowed: list[tuple[str, str]] = []  # (name, location) of entries that lost a name
         self.gone: dict[str, str] = {}  # discovered names that disappeared → where they were
         self._build_lock = threading.Lock()  # one build at a time: a thread's or the caller's
-        self._built = self._applied = 0  # generations: a build older than the applied one is dropped
+        self._built = self._applied = 0  # generations: an older build than the applied is dropped
         self._pending: asyncio.Task[None] | None = None  # a scan not started yet: new callers join
         self._running: asyncio.Task[None] | None = None  # the scan building now
         self._rescanned_at = float("-inf")  # monotonic time of the last unknown-name rescan

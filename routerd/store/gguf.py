@@ -313,7 +313,7 @@ def _parse(path: str, buf: mmap.mmap, offset: int) -> GGUFInfo:
             if length is not None:
                 lengths[key] = length
         if n_tensors * _MIN_TENSOR > h.left():
-            raise GGUFError(f"truncated: {n_tensors} tensors do not fit in the {h.left()} bytes left")
+            raise GGUFError(f"truncated: {n_tensors} tensors do not fit in {h.left()} bytes")
     except GGUFError as e:
         raise GGUFError(f"{path}: {e}") from None
     align = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)

@@ -14,7 +14,10 @@ from tests.conftest import Daemon, fake_model
 pytestmark = pytest.mark.timeout(120)
 
 
-async def samples(http: aiohttp.ClientSession, d: Daemon) -> dict[tuple[str, frozenset[Any]], float]:
+Samples = dict[tuple[str, frozenset[Any]], float]
+
+
+async def samples(http: aiohttp.ClientSession, d: Daemon) -> Samples:
     async with http.get(d.base_url + "/metrics") as r:
         assert r.status == 200
         text = await r.text()
@@ -22,7 +25,7 @@ async def samples(http: aiohttp.ClientSession, d: Daemon) -> dict[tuple[str, fro
             for f in text_string_to_metric_families(text) for s in f.samples}
 
 
-def value(s: dict[tuple[str, frozenset[Any]], float], name: str, **labels: str) -> float:
+def value(s: Samples, name: str, **labels: str) -> float:
     return s.get((name, frozenset(labels.items())), 0.0)
 
 
@@ -37,9 +40,9 @@ async def generate(http: aiohttp.ClientSession, d: Daemon, model: str, **extra: 
 async def test_counters_survive_unload_and_eviction(daemons: Callable[..., Daemon],
                                                     http: aiohttp.ClientSession) -> None:
     d = daemons({"a": fake_model(), "b": fake_model()}, max_loaded=1)
-    seen: list[dict[tuple[str, frozenset[Any]], float]] = []
+    seen: list[Samples] = []
 
-    async def step() -> dict[tuple[str, frozenset[Any]], float]:
+    async def step() -> Samples:
         s = await samples(http, d)
         seen.append(s)
         return s
