@@ -36,9 +36,9 @@ log = structlog.get_logger(__name__)
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 HISTORY: web.AppKey[History] = web.AppKey("ui_history", History)
 ACTIVITY_LOG: web.AppKey[ActivityLog] = web.AppKey("ui_activity", ActivityLog)
-ENGINES: web.AppKey[dict[str, str]] = web.AppKey("ui_engines", dict)
 LOAD_TIMES: web.AppKey[dict[str, float]] = web.AppKey("ui_load_times", dict)
 FAILURES: web.AppKey[dict[str, dict[str, Any]]] = web.AppKey("ui_failures", dict)
+VERSIONS: web.AppKey[EngineVersions] = web.AppKey("ui_versions")
 PING_EVERY = 15.0
 _CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
         "connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'none'; "
@@ -72,7 +72,7 @@ async def ui_context(app: web.Application) -> AsyncIterator[None]:
     load_times: dict[str, float] = {}
     failures: dict[str, dict[str, Any]] = {}
     app[HISTORY], app[ACTIVITY_LOG], app[LOAD_TIMES] = history, activity, load_times
-    app[FAILURES], app[ENGINES] = failures, {}
+    app[FAILURES] = failures
     rids = itertools.count(1)
 
     def record(rec: dict[str, Any]) -> None:
@@ -103,38 +103,59 @@ async def ui_context(app: web.Application) -> AsyncIterator[None]:
 
     app[ACTIVITY] = record
     stop_listening = bus.listen(on_event)
-    versions = asyncio.create_task(_engine_versions(app))
+    versions = EngineVersions(app[keys.CONFIG].engines.llama_server)
+    app[VERSIONS] = versions
     yield
     stop_listening()
-    versions.cancel()
-    await asyncio.gather(versions, return_exceptions=True)
+    await versions.close()
 
 
-async def _engine_versions(app: web.Application) -> None:
-    from importlib import metadata
+class EngineVersions:
+    """The engines' versions for the host facts, asked once, on the first overview (a
+    daemon nobody looks at never runs `llama-server --version`)."""
 
-    from ..workers.backends import find_llama_server
+    def __init__(self, setting: str) -> None:
+        self.setting = setting
+        self.found: dict[str, str] = {}
+        self._task: asyncio.Task[None] | None = None
 
-    engines = app[ENGINES]
-    for dist in ("llama_cpp_python",):
+    def get(self) -> dict[str, str]:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._probe())
+        return self.found
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _probe(self) -> None:
+        from importlib import metadata
+
+        from ..workers.backends import find_llama_server
+
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            self.found["llama-cpp-python"] = metadata.version("llama_cpp_python")
+        path = find_llama_server(self.setting)
+        if not path:
+            return
+        proc = None
         try:
-            engines["llama-cpp-python"] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    path = find_llama_server(app[keys.CONFIG].engines.llama_server)
-    if not path:
-        return
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            path, "--version", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        out, _ = await asyncio.wait_for(proc.communicate(), 10)
-    except (OSError, asyncio.TimeoutError) as e:
-        log.info("ui.engine_version_unknown", engine=path, error=str(e))
-        return
-    for line in out.decode(errors="replace").splitlines():
-        if line.startswith("version:"):
-            engines["llama-server"] = line.split(":", 1)[1].strip()
-            break
+            proc = await asyncio.create_subprocess_exec(
+                path, "--version", stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            out, _ = await asyncio.wait_for(proc.communicate(), 10)
+        except (OSError, asyncio.TimeoutError) as e:
+            log.info("ui.engine_version_unknown", engine=path, error=str(e))
+            return
+        finally:
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        for line in out.decode(errors="replace").splitlines():
+            if line.startswith("version:"):
+                self.found["llama-server"] = line.split(":", 1)[1].strip()
+                break
 
 
 # ---------------------------------------------------------------- the page
@@ -173,7 +194,7 @@ def _jresp(data: Any) -> web.Response:
 async def api_overview(request: web.Request) -> web.Response:
     app = request.app
     scheduler = app[keys.SCHEDULER]
-    view = ui_views.overview(scheduler, app[keys.CATALOG], scheduler.acct, app[ENGINES],
+    view = ui_views.overview(scheduler, app[keys.CATALOG], scheduler.acct, app[VERSIONS].get(),
                              app[LOAD_TIMES], app[keys.CONFIG].keep_alive)
     view["last_failure"] = app[FAILURES]
     view["events"] = {"subscribers": app[keys.EVENTS].subscribers}
