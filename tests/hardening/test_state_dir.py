@@ -50,3 +50,17 @@ def test_book_keeps_figures_when_it_cannot_save(tmp_path: Path) -> None:
     book.record(key, 120, 90)
     assert book.measured(key) == 120
     assert not list(tmp_path.glob("**/.memory-*"))  # no temporary left behind
+
+
+@pytest.mark.xfail(strict=True, reason="api/response_store.py ResponseStore.put re-raises the "
+                   "OSError (not this test's owner's file): the answer is lost as a 500")
+async def test_unwritable_state_dir_keeps_responses_answers(daemons: Callable[..., Daemon],
+                                                            http: aiohttp.ClientSession,
+                                                            tmp_path: Path) -> None:
+    blocked = tmp_path / "state-is-a-file"
+    blocked.write_text("not a folder\n")
+    d = daemons({"fake": fake_model()}, state_dir=str(blocked))
+    async with http.post(d.base_url + "/v1/responses",
+                         json={"model": "fake", "input": "hi"}) as r:  # store defaults to true
+        assert r.status == 200, await r.text()
+        assert (await r.json())["object"] == "response"
