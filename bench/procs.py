@@ -126,14 +126,20 @@ def wait_http(proc: Proc, path: str, *, timeout: float = 60.0, every: float = 0.
 # ------------------------------------------------------------------ engine flags
 
 
-def routerd_argv(model: Path, *, port: int, api_key: str, alias: str) -> list[str]:
-    """The exact argv routerd builds for a `backend: llama-server` model with our settings."""
+def routerd_launch(model: Path, *, port: int, api_key: str, alias: str) -> Any:
+    """The exact Argv (argv and environment) routerd builds for a `backend: llama-server`
+    model with our settings."""
     from routerd.workers.backends import LaunchSpec, build_argv
 
     spec = LaunchSpec(model=alias, path=str(model), backend="llama-server", ctx_size=CTX_SIZE,
                       parallel=PARALLEL, gpu_layers=None, embeddings=True)
     return build_argv(spec, host="127.0.0.1", port=port, api_key=api_key,
-                      llama_server=str(BIN / "llama-server")).argv
+                      llama_server=str(BIN / "llama-server"))
+
+
+def routerd_argv(model: Path, *, port: int, api_key: str, alias: str) -> list[str]:
+    argv: list[str] = routerd_launch(model, port=port, api_key=api_key, alias=alias).argv
+    return argv
 
 
 def shared_flags(model: Path) -> list[str]:
@@ -153,8 +159,9 @@ def shared_flags(model: Path) -> list[str]:
 
 def start_direct(workdir: Path, model: Path, *, name: str = "direct") -> Proc:
     port, key = free_port(), "bench-direct-key"
-    argv = routerd_argv(model, port=port, api_key=key, alias="smol-a")
-    proc = spawn(name, argv, workdir, port, headers={"Authorization": f"Bearer {key}"})
+    launch = routerd_launch(model, port=port, api_key=key, alias="smol-a")
+    proc = spawn(name, launch.argv, workdir, port, env=launch.env,
+                 headers={"Authorization": f"Bearer {key}"})
     wait_http(proc, "/health")
     return proc
 

@@ -14,7 +14,7 @@ from .api import admin, anthropic, native, ollama, openai, rerank, responses
 from .api import manage as store_routes
 from .api import security, ui
 from .activity import activity_middleware
-from .api.common import MODEL_CHECK, MODEL_NAME, error_middleware
+from .api.common import MODEL_CHECK, MODEL_NAME, PERMISSION_CHECK, error_middleware
 from .catalog import Catalog, ModelEntry
 from .metrics import route_label
 from .config import Config
@@ -94,6 +94,7 @@ async def metrics_context(app: web.Application) -> AsyncIterator[None]:
     from .metrics import Metrics
 
     app[keys.METRICS] = Metrics()
+    app[security.GUARD].metrics = app[keys.METRICS]
     yield
 
 
@@ -119,14 +120,16 @@ async def metrics_middleware(request: web.Request, handler: Any) -> web.StreamRe
 
 def make_app(config: Config, *, accountant: Accountant | None = None,
              discovery: Callable[[], Iterable[ModelEntry]] | None = None) -> web.Application:
-    keyring = security.keyring_from_config(config)
+    guard = security.Guard(config)
     app = web.Application(
-        middlewares=[error_middleware, *security.security_middlewares(config, keyring),
+        middlewares=[error_middleware, *security.security_middlewares(guard),
                      metrics_middleware, activity_middleware],
         client_max_size=security.client_max_size(config))
     app[keys.CONFIG] = config
+    app[security.GUARD] = guard
     app[keys.EVENTS] = EventBus()
     app[MODEL_CHECK] = security.check_model_allowed
+    app[PERMISSION_CHECK] = security.check_permission
     if accountant is not None:
         app[ACCOUNTANT] = accountant
     if discovery is not None:
@@ -142,6 +145,6 @@ def make_app(config: Config, *, accountant: Accountant | None = None,
     admin.add_routes(app)
     store_routes.add_routes(app)
     ui.add_routes(app)  # /ui/, /api/ui/*, /api/events; its context runs after the scheduler's
-    app.on_response_prepare.append(security.cors_response_hook(config))
-    security.warn_if_exposed(config, keyring, log)
+    app.on_response_prepare.append(security.cors_response_hook(guard))
+    security.warn_if_exposed(config, guard.keyring, log)
     return app

@@ -2,13 +2,14 @@
 small field parsers shared by the dialects.
 
 Hostile JSON is a 400, decided here before anything reaches an engine: nesting deeper than
-the decoder's recursion limit, `NaN`/`Infinity` (not JSON; engines answer 5xx to them), lone UTF-16 surrogates
+the decoder's recursion limit, `NaN`/`Infinity` and numbers too large for a double (not JSON; engines answer 5xx to them), lone UTF-16 surrogates
 (they cannot be encoded to UTF-8), integers too long to parse.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from .errors import BadRequest
@@ -17,7 +18,14 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_decode = json.JSONDecoder(parse_constant=_no_constants).decode
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400: no engine holds it
+        raise ValueError(f"number {text[:40]} is too large")
+    return value
+
+
+_decode = json.JSONDecoder(parse_constant=_no_constants, parse_float=_finite).decode
 
 
 def parse_object(raw: bytes, *, required: bool = True) -> dict[str, Any]:

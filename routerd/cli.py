@@ -39,8 +39,11 @@ async def _serve(config: Config) -> int:
     if swept:
         log.warning("routerd.swept_orphans", count=swept)
     app = make_app(config)
+    # keepalive_timeout bounds a connection that has not sent a whole request (a client
+    # dribbling its headers) as well as an idle keep-alive one: aiohttp's default is 3630 s.
     runner = web.AppRunner(app, handler_cancellation=True,
-                           shutdown_timeout=config.timeouts.drain, access_log=None)
+                           shutdown_timeout=config.timeouts.drain, access_log=None,
+                           keepalive_timeout=config.timeouts.client_idle)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context(config),
                        reuse_address=True)

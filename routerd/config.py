@@ -45,13 +45,22 @@ _DURATION_RE = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
+# Longer than this is forever (Ollama treats huge keep_alive values so): no wall-clock
+# deadline past what a datetime can hold, no float overflow from 10**400.
+FOREVER_AFTER = 1e9  # seconds, about 31 years
+
+
 def parse_duration(value: Any, key: str = "duration") -> float:
     """Ollama keep_alive semantics: a number is seconds, a string is a Go duration
-    ("5m", "1h30m", "10s"); negative means forever (returned as +inf); 0 means now."""
+    ("5m", "1h30m", "10s"); negative means forever (returned as +inf), and so does anything
+    longer than FOREVER_AFTER; 0 means now."""
     if isinstance(value, bool) or value is None:
         raise ConfigError(key, f"expected a duration like '5m' or seconds, got {value!r}")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer beyond any float: forever, or forever ago
+            seconds = math.inf if value > 0 else -math.inf
     elif isinstance(value, str):
         text = value.strip()
         try:
@@ -72,7 +81,7 @@ def parse_duration(value: Any, key: str = "duration") -> float:
         raise ConfigError(key, f"expected a duration, got {type(value).__name__}")
     if math.isnan(seconds):
         raise ConfigError(key, "duration is NaN")
-    return math.inf if seconds < 0 else seconds
+    return math.inf if seconds < 0 or seconds > FOREVER_AFTER else seconds
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|[KMGT]|B)?\s*$", re.IGNORECASE)
@@ -148,6 +157,7 @@ class EnginesConfig:
 class AuthConfig:
     api_keys_file: str | None = None
     exempt_loopback: bool = True
+    metrics_public: bool = False  # /metrics without a key (else admin keys only)
 
 
 @dataclass(frozen=True)
@@ -178,7 +188,8 @@ class TimeoutsConfig:
     drain: float = 30.0  # in-flight requests at stop/shutdown
     probe_interval: float = 10.0  # liveness probe after ready
     probe_timeout: float = 5.0
-    request_idle: float = 300.0  # no byte from the engine for this long → fail the request
+    request_idle: float = 300.0  # a stream with no byte from the engine for this long → hung
+    client_idle: float = 60.0  # a client connection without a whole request this long → closed
 
 
 @dataclass(frozen=True)
@@ -364,7 +375,7 @@ def parse_config(data: Mapping[str, Any] | None, file: str | None = None) -> Con
                                          MemoryConfig.release_timeout)),
         )
         er = _Reader(r.get("engines", dict, {}), "engines.", {"llama_server"})
-        ar = _Reader(r.get("auth", dict, {}), "auth.", {"api_keys_file", "exempt_loopback"})
+        ar = _Reader(r.get("auth", dict, {}), "auth.", set(AuthConfig.__dataclass_fields__))
         tr = _Reader(r.get("tls", dict, {}), "tls.", {"cert_file", "key_file"})
         tls = TlsConfig(tr.get("cert_file", str, None), tr.get("key_file", str, None))
         if bool(tls.cert_file) != bool(tls.key_file):
@@ -404,7 +415,8 @@ def parse_config(data: Mapping[str, Any] | None, file: str | None = None) -> Con
             memory=memory,
             engines=EnginesConfig(er.get("llama_server", str, EnginesConfig.llama_server)),
             auth=AuthConfig(ar.get("api_keys_file", str, None),
-                            ar.get("exempt_loopback", bool, AuthConfig.exempt_loopback)),
+                            ar.get("exempt_loopback", bool, AuthConfig.exempt_loopback),
+                            ar.get("metrics_public", bool, AuthConfig.metrics_public)),
             tls=tls,
             registries=RegistriesConfig(allow, rr.get("insecure", bool, False)),
             discovery=DiscoveryConfig(**{k: dr.get(k, bool, True) for k in dr.data}),
@@ -449,6 +461,9 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
             text = Path(file).read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError("<file>", f"cannot read: {e.strerror}", file) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError("<file>", f"not UTF-8 text (byte {e.start}: "
+                              f"{e.object[e.start:e.start + 1]!r})", file) from None
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:

@@ -48,6 +48,10 @@ class Target(Protocol):
     def note_progress(self) -> None:
         """Output flowed from this target (liveness evidence for the prober)."""
 
+    async def activity(self, session: aiohttp.ClientSession, timeout: float) -> bytes | None:
+        """An opaque reading of the engine's work (llama-server's /slots); it changes while
+        the engine makes progress on requests. None when the target has no such reading."""
+
     async def exit_code(self, wait: float) -> int | None:
         """How the target's process ended, waiting up to `wait` s; None if it runs on."""
 
@@ -84,13 +88,46 @@ class Dispatcher(Generic[T]):
                  fresh: aiohttp.ClientSession, *, idle_timeout: float) -> None:
         self.placement = placement
         self.pooled, self.fresh = pooled, fresh
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=idle_timeout)
+        # A stream that sends nothing for `idle_timeout` is hung. A non-streamed answer sends
+        # nothing until it is done, however long that takes: its engine's liveness is the
+        # prober's to judge (scheduler/supervision.py), not silence on the socket.
+        self.stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=10,
+                                                    sock_read=idle_timeout)
+        self.answer_timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
         self.idle_timeout = idle_timeout
+
+    async def watch(self, sent: Any, target: T) -> aiohttp.ClientResponse:
+        """Wait for a non-streamed answer, which sends nothing until it is done. The engine is
+        hung only when its own progress (`Target.activity`: /slots' tokens decoded and prompt
+        tokens processed) stands still for `idle_timeout`; then the wait ends as a timeout
+        (and the engine is killed). Silence alone is never a hang here."""
+        task: asyncio.Future[aiohttp.ClientResponse] = asyncio.ensure_future(sent)
+        every = max(0.05, min(self.idle_timeout / 4, 5.0))
+        last = await target.activity(self.pooled, every)
+        still_since = time.monotonic()
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=every)
+                if done:
+                    return task.result()
+                now_reading = await target.activity(self.pooled, every)
+                now = time.monotonic()
+                if now_reading is not None and now_reading != last:
+                    last, still_since = now_reading, now
+                elif now - still_since >= self.idle_timeout:
+                    raise asyncio.TimeoutError
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
     def call(self, name: str, path: str, *, body: bytes | None,
              keep_alive: float | None = None, method: str = "POST", query: Any = None,
-             content_type: str = "application/json", entry: Any = None) -> Call[T]:
-        return Call(self, name, path, body, keep_alive, method, query, content_type, entry)
+             content_type: str = "application/json", entry: Any = None,
+             stream: bool = False) -> Call[T]:
+        return Call(self, name, path, body, keep_alive, method, query, content_type, entry,
+                    stream)
 
 
 class Call(Generic[T]):
@@ -107,14 +144,15 @@ class Call(Generic[T]):
     and the generator machinery was 6 % of routerd's CPU there."""
 
     __slots__ = ("_d", "name", "path", "body", "keep_alive", "method", "query",
-                 "content_type", "entry", "_target", "resp", "waited", "started", "first")
+                 "content_type", "entry", "_target", "resp", "waited", "started", "first",
+                 "stream")
 
     def __init__(self, dispatcher: Dispatcher[T], name: str, path: str, body: bytes | None,
                  keep_alive: float | None, method: str, query: Any, content_type: str,
-                 entry: Any) -> None:
+                 entry: Any, stream: bool) -> None:
         self._d, self.name, self.path, self.body = dispatcher, name, path, body
         self.keep_alive, self.method, self.query = keep_alive, method, query
-        self.content_type, self.entry = content_type, entry
+        self.content_type, self.entry, self.stream = content_type, entry, stream
         self._target: T | None = None
         self.resp: aiohttp.ClientResponse | None = None
         self.waited = 0.0  # seconds spent waiting for the lease (queue + load)
@@ -155,9 +193,11 @@ class Call(Generic[T]):
                 # on a new connection.
                 session = d.pooled if attempt == 1 else d.fresh
                 try:
-                    resp = await session.request(
+                    sent = session.request(
                         self.method, target.base_url + self.path, data=self.body,
-                        headers=headers, params=self.query, timeout=d.timeout)
+                        headers=headers, params=self.query,
+                        timeout=d.stream_timeout if self.stream else d.answer_timeout)
+                    resp = await (sent if self.stream else d.watch(sent, target))
                     if resp.status < 400 and resp.content_type == "text/event-stream":
                         # llama-server closes the connection after every streamed answer
                         # while advertising keep-alive: never put this one back in the pool.

@@ -85,6 +85,17 @@ class ModelTooLarge(RouterdError):
     type = "server_error"
 
 
+class TooManyRequests(RouterdError):
+    """A per-key limit (requests per minute, concurrent requests) was reached."""
+
+    status = 429
+    code = "rate_limited"
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
 class QueueFull(RouterdError):
     status = 503
     code = "queue_full"
@@ -100,6 +111,26 @@ class ModelFailed(RouterdError):
     status = 503
     code = "model_failed"
     type = "server_error"
+
+
+class ModelBusy(RouterdError):
+    """The model is in use with other load options; retry when those requests finish."""
+
+    status = 503
+    code = "model_busy"
+    type = "server_error"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
+class LoadOptionsFailed(RouterdError):
+    """The engine would not start with the load options this request asked for: the
+    request's error, not the model's."""
+
+    status = 400
+    code = "load_options_failed"
+    type = "invalid_request_error"
 
 
 class UpstreamError(RouterdError):

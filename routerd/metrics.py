@@ -64,6 +64,9 @@ class Metrics:
                                   ["model", "resource"], registry=r)
         self.state = Gauge("routerd_worker_state", "1 for the worker's current state, else 0",
                            ["model", "state"], registry=r)
+        self.keys = Counter("routerd_key_requests", "Requests per API key (its name from the "
+                            "keys file, never the key) by outcome", ["key", "outcome"],
+                            registry=r)
         self._models: set[str] = set()
         self._series: dict[str, dict[tuple[Any, tuple[str, ...]], Any]] = {}
         self._states: dict[str, str] = {}
@@ -155,6 +158,10 @@ class Metrics:
     def _engine_gauges(self) -> tuple[Any, ...]:
         return (self.memory, self.over_booking, self.state)
 
+    def count_key(self, key: str, outcome: str) -> None:
+        """One request of an API key: admitted, rate_limited or forbidden."""
+        self.keys.labels(key, outcome).inc()
+
     def forget(self, model: str) -> None:
         """Drop every series of a model that left the catalog (removed, deleted)."""
         for metric, values in self._series.pop(model, {}):
@@ -213,6 +220,9 @@ class NullMetrics(Metrics):
         pass
 
     def unloaded(self, model: str) -> None:
+        pass
+
+    def count_key(self, key: str, outcome: str) -> None:
         pass
 
     def forget(self, model: str) -> None:

@@ -17,6 +17,7 @@ import structlog
 from aiohttp import web
 
 from . import keys
+from .api.security import GUARD
 from .config import ConfigError, load_config
 from .sdnotify import notify
 
@@ -33,7 +34,14 @@ async def apply_reload(app: web.Application, path: str | None = None) -> bool:
             warnings.simplefilter("ignore", DeprecationWarning)  # set after startup, on purpose
             app[RELOAD_LOCK] = lock
     async with lock:
-        swapped = _swap_config(app, path)
+        notify("RELOADING=1")
+        try:
+            swapped = _swap_config(app, path)
+        except Exception as e:  # noqa: BLE001 - whatever went wrong, systemd hears READY again
+            log.error("config.reload_failed", error=f"{type(e).__name__}: {e}")
+            swapped = None
+        finally:
+            notify("READY=1")
         if swapped is None:
             return False
     retiring, added = swapped
@@ -54,20 +62,24 @@ def _swap_config(app: web.Application,
     """Load and install the new config. Returns the runners to retire, each with whether its
     model is still configured (then it restarts with the new settings), and the names added."""
     old = app[keys.CONFIG]
-    notify("RELOADING=1")
     try:
         new = load_config(path or old.source or os.environ.get("ROUTERD_CONFIG"))
+        new = replace(new, host=old.host, port=old.port)  # the socket stays as bound
+        # The keys file, Host/CORS checks and body cap: a keys file that does not load fails
+        # the whole reload (a revoked key must not live on because its file had a typo).
+        app[GUARD].reload(new)
     except ConfigError as e:
         log.error("config.reload_failed", error=str(e))
-        notify("READY=1")
         return None
-    new = replace(new, host=old.host, port=old.port)  # the socket stays as bound
     scheduler, catalog = app[keys.SCHEDULER], app[keys.CATALOG]
     before = {e.name: e for e in catalog.entries()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         app[keys.CONFIG] = new
     scheduler.config = new
+    scheduler.acct.config = new  # the memory budget is re-read from the new config
+    for resource, n in scheduler.acct.budget().items():
+        scheduler.metrics.set_budget(resource, n)
     discoverer = app.get(keys.DISCOVERER)
     if discoverer is not None:
         discoverer.config = new  # model_dirs and the source toggles are read at each scan
@@ -82,6 +94,6 @@ def _swap_config(app: web.Application,
     log.info("config.reloaded", added=sorted(set(after) - set(before)),
              removed=sorted(set(before) - set(after)),
              restarting=[r.name for r, again in retiring if again],
-             stopping=[r.name for r, again in retiring if not again])
-    notify("READY=1")
+             stopping=[r.name for r, again in retiring if not again],
+             api_keys=len(app[GUARD].keyring or ()), budget=scheduler.acct.budget())
     return retiring, set(after) - set(before)

@@ -37,7 +37,7 @@ def fake_model(*flags: str, parallel: int = 1, **extra: Any) -> dict[str, Any]:
     """A config entry running the fake worker (tests/fakes) with the given fault flags."""
     return {"backend": "command", "parallel": parallel,
             "command": [sys.executable, str(FAKE_WORKER), "--host", "{host}", "--port", "{port}",
-                        "--api-key", "{api_key}", *flags], **extra}
+                        *flags], **extra}  # its key comes in $ROUTERD_WORKER_API_KEY
 
 
 class Daemon:

@@ -18,7 +18,8 @@ from ..errors import BadRequest, ModelNotFound
 from ..scheduler.accounting import read_info
 from ..store import gguf
 from . import capabilities
-from .common import add_route, read_json, jresp
+from .common import add_route, note_request, read_json, jresp
+from .security import model_visible
 
 OLLAMA_API_VERSION = "0.12.0"  # the Ollama API level routerd speaks
 
@@ -62,6 +63,8 @@ async def tags(request: web.Request) -> web.Response:
     await catalog.refresh_async()
     models = []
     for e in catalog.entries():
+        if not model_visible(request, e.name):
+            continue
         tag = _tag(e)
         models.append(tag)
         for alias in e.aliases:  # every configured model by name and by alias
@@ -75,6 +78,8 @@ async def ps(request: web.Request) -> web.Response:
     models = []
     over = scheduler.acct.over_booking()
     for r in scheduler.snapshot():
+        if not model_visible(request, r.name):
+            continue
         held = r.held
         vram = sum(v for k, v in held.items() if k.startswith("gpu"))
         expires = (dt.datetime.fromtimestamp(r.expires_at, dt.timezone.utc)
@@ -121,6 +126,7 @@ async def show(request: web.Request) -> web.Response:
     name = body.get("model") or body.get("name")
     if not isinstance(name, str) or not name:
         raise BadRequest("model is required")
+    note_request(request, name)
     entry = await request.app[keys.CATALOG].lookup(name)
     info = await asyncio.to_thread(read_info, entry.launch.path) if entry.launch.path else None
     verbose = bool(body.get("verbose"))
@@ -170,6 +176,7 @@ async def logs(request: web.Request) -> web.StreamResponse:
     name = request.query.get("model")
     if not name:
         raise BadRequest("model is required (?model=NAME)")
+    note_request(request, name)
     scheduler = request.app[keys.SCHEDULER]
     entry = request.app[keys.CATALOG].resolve(name)
     runner = scheduler.runners.get(entry.name)
@@ -208,6 +215,8 @@ def add_routes(app: web.Application) -> None:
     for method, path, handler in (("GET", "/api/tags", tags), ("GET", "/api/ps", ps),
                                   ("POST", "/api/show", show), ("GET", "/api/version", version),
                                   ("GET", "/", root),  # GET routes answer HEAD too
-                                  ("GET", "/api/logs", logs), ("POST", "/api/refresh", refresh),
                                   ("GET", "/metrics", metrics)):
         add_route(app, method, path, handler, dialect="ollama")
+    # Worker output and rescans are the operator's (roles: admin keys only).
+    add_route(app, "GET", "/api/logs", logs, dialect="ollama", admin=True)
+    add_route(app, "POST", "/api/refresh", refresh, dialect="ollama", admin=True)

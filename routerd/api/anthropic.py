@@ -39,5 +39,5 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
 
 
 def add_routes(app: web.Application) -> None:
-    add_route(app, "POST", "/v1/messages", messages, dialect="anthropic")
+    add_route(app, "POST", "/v1/messages", messages, dialect="anthropic", inference=True)
     add_route(app, "POST", "/v1/messages/count_tokens", count_tokens, dialect="anthropic")

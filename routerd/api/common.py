@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -30,23 +31,36 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @dataclass
 class Dialects:
-    """Which dialect each route speaks (its errors are rendered in it), declared where the
-    route is registered. A request that matched no route (404, 405) takes the dialect of a
-    route with the same path, else of routes under the same first path segment."""
+    """Which dialect each route speaks (its errors are rendered in it) and whether it needs
+    an admin key, declared where the route is registered. A request that matched no route
+    (404, 405) takes the dialect of a route with the same path, else of routes under the same
+    first path segment."""
 
     by_resource: dict[web.AbstractResource, str] = field(default_factory=dict)
     by_path: dict[str, str] = field(default_factory=dict)
     by_prefix: dict[str, str] = field(default_factory=dict)
+    admin: set[web.AbstractResource] = field(default_factory=set)
+    inference: set[web.AbstractResource] = field(default_factory=set)
 
     def of(self, request: web.Request) -> str:
-        route = request.match_info.route
-        resource = route.resource if route is not None else None
+        resource = _resource(request)
         if resource is not None:
             found = self.by_resource.get(resource)
             if found is not None:
                 return found
         path = request.path
         return self.by_path.get(path) or self.by_prefix.get(_first_segment(path), "ollama")
+
+    def admin_only(self, request: web.Request) -> bool:
+        return _resource(request) in self.admin
+
+    def is_inference(self, request: web.Request) -> bool:
+        return _resource(request) in self.inference
+
+
+def _resource(request: web.Request) -> web.AbstractResource | None:
+    route = request.match_info.route
+    return route.resource if route is not None else None
 
 
 def _first_segment(path: str) -> str:
@@ -56,20 +70,33 @@ def _first_segment(path: str) -> str:
 DIALECTS = web.AppKey("dialects", Dialects)
 
 
+def routes(app: web.Application) -> Dialects:
+    dialects = app.get(DIALECTS)
+    if dialects is None:
+        dialects = app[DIALECTS] = Dialects()
+    return dialects
+
+
 def add_route(app: web.Application, method: str, path: str, handler: Handler, *,
-              dialect: str) -> None:
-    """Register a route and the dialect its errors are rendered in."""
+              dialect: str, admin: bool = False, inference: bool = False) -> None:
+    """Register a route, the dialect its errors are rendered in, whether it needs an admin
+    key (it changes what others get: pulls, deletes, engine state) and whether it runs a
+    model (per-key concurrency limits count it)."""
     if method == "GET":  # and HEAD, as aiohttp's add_get does
         route = app.router.add_get(path, handler)
     else:
         route = app.router.add_route(method, path, handler)
-    dialects = app.get(DIALECTS)
-    if dialects is None:
-        dialects = app[DIALECTS] = Dialects()
-    dialects.by_resource[route.resource] = dialect  # type: ignore[index]
+    table = routes(app)
+    resource = route.resource
+    assert resource is not None
+    table.by_resource[resource] = dialect
+    if admin:
+        table.admin.add(resource)
+    if inference:
+        table.inference.add(resource)
     if "{" not in path:
-        dialects.by_path.setdefault(path, dialect)
-    dialects.by_prefix.setdefault(_first_segment(path), dialect)
+        table.by_path.setdefault(path, dialect)
+    table.by_prefix.setdefault(_first_segment(path), dialect)
 
 
 def error_body(kind: str, err: RouterdError) -> dict[str, Any]:
@@ -144,14 +171,29 @@ def note_request(request: web.Request, model: str) -> None:
         checker(request, model)
 
 
+def check_keep_alive(request: web.Request, keep_alive: float | None) -> None:
+    """keep_alive 0 unloads a model others may be using, -1 pins it: each needs the key's
+    permission (api/security.py roles)."""
+    if keep_alive == 0:
+        request.app[PERMISSION_CHECK](request, "unload")
+    elif keep_alive is not None and math.isinf(keep_alive):
+        request.app[PERMISSION_CHECK](request, "pin")
+
+
 def engine_call(request: web.Request, name: str, path: str, *, body: bytes | None,
                 keep_alive: float | None = None, method: str = "POST", query: Any = None,
-                content_type: str = "application/json", entry: Any = None) -> Call:
-    """`async with engine_call(request, ...) as call`: the app's dispatcher, for a handler."""
+                content_type: str = "application/json", entry: Any = None,
+                stream: bool = False) -> Call[Any]:
+    """`async with engine_call(request, ...) as call`: the app's dispatcher, for a handler.
+    `stream` says whether the answer streams (a non-streamed answer sends nothing until it is
+    done, so only a stream can be judged hung by silence)."""
+    check_keep_alive(request, keep_alive)
     return request.app[keys.DISPATCHER].call(
         name, path, body=body, keep_alive=keep_alive, method=method, query=query,
-        content_type=content_type, entry=entry)
+        content_type=content_type, entry=entry, stream=stream)
 
 
 MODEL_NAME = web.RequestKey("model", str)  # the model a request named (metrics, auth)
 MODEL_CHECK: web.AppKey[Callable[[web.Request, str], None]] = web.AppKey("model_check")
+# (request, "pin" | "unload" | "load_options") -> None, or Forbidden (api/security.py)
+PERMISSION_CHECK: web.AppKey[Callable[[web.Request, str], None]] = web.AppKey("permission_check")

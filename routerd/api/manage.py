@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 from typing import Any, AsyncIterator
 
 import structlog
@@ -22,13 +21,12 @@ from .. import keys
 from ..activity import published_pull
 from ..bodies import stream_flag
 from .common import add_route, read_json
-from ..errors import BadRequest, ModelNotFound, RouterdError
-from ..store import gguf
+from .security import check_model_allowed
+from ..errors import BadRequest, RouterdError
 from ..store.blobs import receive_blob
-from ..store.manifests import (CONFIG_V1, LICENSE, MESSAGES, MODEL, PARAMS, PROJECTOR, SYSTEM,
-                               TEMPLATE, Layer, build_config, build_manifest, parse_manifest)
-from ..store.names import ModelName, parse_digest, parse_name
-from ..store.pull import Puller, progress
+from ..store.names import parse_digest, parse_name
+from ..store.create import build_model
+from ..store.pull import Puller
 from ..store.store import Store
 
 log = structlog.get_logger(__name__)
@@ -36,7 +34,6 @@ log = structlog.get_logger(__name__)
 PULLER = web.AppKey("puller", Puller)
 NDJSON = "application/x-ndjson"
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # Ollama: compact
-_PARAM_KEY = re.compile(r"^[a-z_][a-z0-9_]{0,63}$")
 
 
 def add_routes(app: web.Application) -> None:
@@ -45,7 +42,7 @@ def add_routes(app: web.Application) -> None:
                                   ("HEAD", "/api/blobs/{digest}", head_blob),
                                   ("POST", "/api/blobs/{digest}", post_blob),
                                   ("POST", "/api/create", create)):
-        add_route(app, method, path, handler, dialect="ollama")
+        add_route(app, method, path, handler, dialect="ollama", admin=True)
 
 
 async def store_context(app: web.Application) -> AsyncIterator[None]:
@@ -67,11 +64,16 @@ async def store_context(app: web.Application) -> AsyncIterator[None]:
 # ---------------------------------------------------------------- helpers
 
 
-def _name_field(body: dict[str, Any], *fields: str) -> str:
+def _name_field(request: web.Request, body: dict[str, Any], *fields: str) -> str:
+    """The model a management request names, checked against the key's model list: a key
+    limited to some models may not copy, overwrite, delete or pull any other."""
     for f in fields:
         v = body.get(f)
         if isinstance(v, str) and v:
+            check_model_allowed(request, v)
             return v
+        if v is not None and not isinstance(v, str):
+            raise BadRequest(f"{f} must be a string")
     raise BadRequest(f"{fields[0]} is required")
 
 
@@ -123,7 +125,7 @@ async def _refreshing(request: web.Request,
 
 async def pull(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
-    name = _name_field(body, "model", "name")
+    name = _name_field(request, body, "model", "name")
     insecure = body.get("insecure") is True
     puller = request.app[PULLER]
     puller.check(name, insecure)  # invalid name, http without insecure, host not allowed
@@ -140,17 +142,29 @@ async def pull(request: web.Request) -> web.StreamResponse:
 
 async def delete(request: web.Request) -> web.Response:
     body = await read_json(request)
-    name = _name_field(body, "model", "name")
+    name = _name_field(request, body, "model", "name")
     store: Store = request.app[keys.STORE]
+    scheduler = request.app.get(keys.SCHEDULER)
+    resolved = _loaded_name(request, name) if scheduler is not None else None
     await asyncio.to_thread(store.delete, name)
     _refresh_catalog(request)
+    if scheduler is not None and resolved is not None:
+        scheduler.forget_model(resolved)  # its engine stops once idle; the file unmaps
     request.app[keys.EVENTS].publish("model.deleted", model=name)
     return web.Response(status=200)
 
 
+def _loaded_name(request: web.Request, name: str) -> str | None:
+    try:
+        return request.app[keys.CATALOG].resolve(name).name
+    except RouterdError:
+        return None
+
+
 async def copy(request: web.Request) -> web.Response:
     body = await read_json(request)
-    src, dst = _name_field(body, "source"), _name_field(body, "destination")
+    src = _name_field(request, body, "source")
+    dst = _name_field(request, body, "destination")
     parse_name(dst)
     store: Store = request.app[keys.STORE]
     await asyncio.to_thread(store.copy, src, dst)
@@ -175,7 +189,9 @@ async def post_blob(request: web.Request) -> web.Response:
 
 async def create(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
-    name = parse_name(_name_field(body, "model", "name"))
+    name = parse_name(_name_field(request, body, "model", "name"))
+    if body.get("from") is not None:
+        _name_field(request, body, "from")  # building on a model reads it
     for unsupported in ("quantize", "adapters"):
         if body.get(unsupported):
             raise BadRequest(f"{unsupported} is not supported by routerd")
@@ -190,126 +206,3 @@ async def create(request: web.Request) -> web.StreamResponse:
             yield e
 
     return await stream_events(request, replay())
-
-
-# ---------------------------------------------------------------- create
-
-
-def build_model(store: Store, name: ModelName, body: dict[str, Any]) -> list[dict[str, Any]]:
-    """Assemble and store a model (blocking; run in a thread); returns the status events."""
-    events: list[dict[str, Any]] = []
-    if body.get("files"):
-        events.append(progress("parsing GGUF"))
-        base, details = _layers_from_files(store, body["files"])
-        params: dict[str, Any] = {}
-    elif body.get("from"):
-        base, details, params = _layers_from_model(store, body["from"])
-    else:
-        raise BadRequest("neither 'from' nor 'files' was specified")
-    new = _new_layers(body, params)
-    replaced = {media for media, _ in new}
-    layers = [la for la in base if la.media_type not in replaced]
-    with store.pinned(la.digest for la in base):
-        for la in layers:
-            events.append(progress(f"using existing layer {la.ref}"))
-        for media, data in new:
-            digest, created = store.add_blob(data)
-            layers.append(Layer(media, digest, len(data)))
-            events.append(progress(f"{'creating new' if created else 'using existing'} "
-                                   f"layer sha256:{digest}"))
-        cfg = build_config(details, layers)
-        cfg_digest, _ = store.add_blob(cfg)
-        events.append(progress("writing manifest"))
-        store.write_manifest(name, build_manifest(Layer(CONFIG_V1, cfg_digest, len(cfg)), layers))
-    events.append(progress("success"))
-    log.info("store.created", model=name.display, layers=len(layers))
-    return events
-
-
-def _layers_from_files(store: Store, files: Any) -> tuple[list[Layer], dict[str, Any]]:
-    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
-        raise BadRequest("files must map file names to sha256 digests")
-    layers: list[Layer] = []
-    details: dict[str, Any] = {}
-    for fname, ref in files.items():
-        digest = parse_digest(ref)
-        if not str(fname).lower().endswith(".gguf"):
-            raise BadRequest(f"{fname}: only GGUF files are supported")
-        if not store.import_blob(digest):
-            raise BadRequest(f"blob sha256:{digest} not found: upload it first "
-                             f"(POST /api/blobs/sha256:{digest})")
-        path = store.blob_path(digest)
-        info = store.gguf_info(path)
-        if info is None:
-            raise BadRequest(f"{fname} is not a valid GGUF file")
-        media = PROJECTOR if info.architecture == "clip" else MODEL
-        if media == MODEL:
-            if details:
-                raise BadRequest("more than one model GGUF in files")
-            details = gguf.details(info)
-        layers.append(Layer(media, digest, path.stat().st_size))
-    if not details:
-        raise BadRequest("files holds no model GGUF")
-    layers.sort(key=lambda la: la.media_type != MODEL)
-    return layers, details
-
-
-def _layers_from_model(store: Store, src: Any) -> tuple[list[Layer], dict[str, Any],
-                                                        dict[str, Any]]:
-    if not isinstance(src, str):
-        raise BadRequest("from must be a model name")
-    model = store.resolve(src)
-    if model is None or model.manifest_path is None:
-        raise ModelNotFound(f"model '{src}' not found")
-    manifest = parse_manifest(model.manifest_path.read_bytes())
-    for la in manifest.layers:
-        if not store.import_blob(la.digest):
-            raise ModelNotFound(f"model '{src}' is missing blob {la.ref}")
-    return list(manifest.layers), dict(model.details), dict(model.params)
-
-
-def _new_layers(body: dict[str, Any], params: dict[str, Any]) -> list[tuple[str, bytes]]:
-    new: list[tuple[str, bytes]] = []
-    for key, media in (("template", TEMPLATE), ("system", SYSTEM)):
-        if key in body and body[key] is not None:
-            if not isinstance(body[key], str):
-                raise BadRequest(f"{key} must be a string")
-            new.append((media, body[key].encode()))
-    lic = body.get("license")
-    if lic is not None:
-        texts = [lic] if isinstance(lic, str) else lic
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise BadRequest("license must be a string or a list of strings")
-        new.extend((LICENSE, t.encode()) for t in texts)
-    if body.get("parameters") is not None:
-        merged = {**params, **_check_parameters(body["parameters"])}
-        new.append((PARAMS, json.dumps(merged).encode()))
-    if body.get("messages") is not None:
-        msgs = body["messages"]
-        if not isinstance(msgs, list) or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str) for m in msgs):
-            raise BadRequest("messages must be a list of {role, content}")
-        new.append((MESSAGES, json.dumps([{"role": m["role"], "content": m["content"]}
-                                          for m in msgs]).encode()))
-    return new
-
-
-def _check_parameters(raw: Any) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise BadRequest("parameters must be an object")
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        if not isinstance(key, str) or not _PARAM_KEY.match(key):
-            raise BadRequest(f"invalid parameter name {str(key)[:64]!r}")
-        if key == "stop":
-            value = [value] if isinstance(value, str) else value
-            if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-                raise BadRequest("stop must be a string or a list of strings")
-        elif isinstance(value, list):
-            if not all(isinstance(v, (str, int, float, bool)) for v in value):
-                raise BadRequest(f"parameter {key}: invalid value")
-        elif value is not None and not isinstance(value, (str, int, float, bool)):
-            raise BadRequest(f"parameter {key}: invalid value")
-        out[key] = value
-    return out

@@ -28,7 +28,7 @@ async def _native(request: web.Request, path: str) -> web.StreamResponse:
     stream = body.get("stream", False) is True
     method = request.method if request.method in ("GET", "POST") else "POST"
     async with engine_call(request, name, path, body=raw or None, method=method,
-                           keep_alive=keep_alive_field(body)) as call:
+                           keep_alive=keep_alive_field(body), stream=stream) as call:
         if stream:
             return await relay_sse(request, call)
         return await relay_body(call)

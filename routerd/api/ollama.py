@@ -17,7 +17,8 @@ from ..errors import BadRequest
 from ..bodies import stream_flag
 from ..scheduler.accounting import read_info
 from . import capabilities
-from .common import add_route, engine_call, keep_alive_field, model_field, note_request, read_json, jresp
+from .common import (PERMISSION_CHECK, add_route, check_keep_alive, engine_call,
+                     keep_alive_field, jresp, model_field, note_request, read_json)
 from .streaming import relay_translated
 from .translate import ollama as tx
 from .translate import ollama_response as rx
@@ -30,7 +31,10 @@ CHAT_PATH = "/v1/chat/completions"
 def _entry(request: web.Request, name: str, body: dict[str, Any]) -> Any:
     """The model's catalog entry with this request's load options (num_ctx, num_gpu)."""
     entry = request.app[keys.CATALOG].resolve(name)
-    return with_load_options(entry, tx.load_options(body, entry.defaults))
+    chosen = with_load_options(entry, tx.load_options(body, entry.defaults))
+    if chosen is not entry and chosen.launch.identity() != entry.launch.identity():
+        request.app[PERMISSION_CHECK](request, "load_options")
+    return chosen
 
 
 async def _load_or_unload(request: web.Request, name: str, keep_alive: float | None,
@@ -39,6 +43,7 @@ async def _load_or_unload(request: web.Request, name: str, keep_alive: float | N
     unload it ("unload"), as Ollama does."""
     scheduler = request.app[keys.SCHEDULER]
     entry = _entry(request, name, body)
+    check_keep_alive(request, keep_alive)
     if keep_alive == 0:
         await scheduler.unload(entry.name)
         return jresp(rx.load_response(name, chat=chat, done_reason="unload"))
@@ -91,7 +96,7 @@ async def _infer(request: web.Request, body: dict[str, Any], *, chat: bool,
     payload["model"] = entry.name
     data = json.dumps(payload).encode()
     async with engine_call(request, name, path, body=data, keep_alive=keep_alive,
-                           entry=entry) as call:
+                           entry=entry, stream=stream) as call:
         if stream:
             converter = ChatStream(name) if chat else GenerateStream(name)
             return await relay_translated(request, call, converter, encode_ndjson)
@@ -119,6 +124,7 @@ async def _embed(request: web.Request, *, legacy: bool) -> web.Response:
     payload["model"] = name
     keep_alive = keep_alive_field(body)
     if not payload["input"]:
+        check_keep_alive(request, keep_alive)
         await request.app[keys.SCHEDULER].load(name, keep_alive=keep_alive)
         return jresp({"embedding": []} if legacy else {"model": name, "embeddings": []})
     async with engine_call(request, name, "/v1/embeddings", body=json.dumps(payload).encode(),
@@ -134,4 +140,4 @@ async def _embed(request: web.Request, *, legacy: bool) -> web.Response:
 def add_routes(app: web.Application) -> None:
     for path, handler in (("/api/chat", chat), ("/api/generate", generate),
                           ("/api/embed", embed), ("/api/embeddings", embeddings)):
-        add_route(app, "POST", path, handler, dialect="ollama")
+        add_route(app, "POST", path, handler, dialect="ollama", inference=True)

@@ -12,6 +12,7 @@ from .. import keys
 from ..bodies import parse_object, stream_flag
 from ..scheduler.accounting import read_info
 from . import capabilities, chatbridge
+from .security import model_visible
 from .common import add_route, engine_call, keep_alive_field, model_field, note_request, jresp
 from .streaming import relay_body, relay_sse
 
@@ -24,7 +25,7 @@ async def _proxy(request: web.Request, path: str, raw: bytes | None = None,
     name = model_field(body)
     note_request(request, name)
     stream = stream_flag(body, default=False)
-    async with engine_call(request, name, path, body=raw,
+    async with engine_call(request, name, path, body=raw, stream=stream,
                            keep_alive=keep_alive_field(body)) as call:
         if stream:
             return await relay_sse(request, call)
@@ -53,6 +54,8 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 async def models(request: web.Request) -> web.Response:
     data = []
     for e in request.app[keys.CATALOG].entries():
+        if not model_visible(request, e.name):
+            continue
         created = int(e.modified_at.timestamp()) if e.modified_at else 0
         data.append({"id": e.name, "object": "model", "created": created,
                      "owned_by": "routerd", "routerd": {"source": e.source,
@@ -63,6 +66,7 @@ async def models(request: web.Request) -> web.Response:
 async def model(request: web.Request) -> web.Response:
     """GET /v1/models/{id}: one model, with what it can do (api/capabilities.py)."""
     name = request.match_info["id"]
+    note_request(request, name)
     e = request.app[keys.CATALOG].resolve(name)
     info = read_info(e.launch.path) if e.launch.path else None
     created = int(e.modified_at.timestamp()) if e.modified_at else 0
@@ -75,7 +79,7 @@ async def model(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     for method, path, handler in (("POST", "/v1/chat/completions", chat_completions),
                                   ("POST", "/v1/completions", completions),
-                                  ("POST", "/v1/embeddings", embeddings),
-                                  ("GET", "/v1/models", models),
-                                  ("GET", "/v1/models/{id:.+}", model)):
-        add_route(app, method, path, handler, dialect="openai")
+                                  ("POST", "/v1/embeddings", embeddings)):
+        add_route(app, method, path, handler, dialect="openai", inference=True)
+    add_route(app, "GET", "/v1/models", models, dialect="openai")
+    add_route(app, "GET", "/v1/models/{id:.+}", model, dialect="openai")

@@ -28,4 +28,4 @@ async def rerank(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     for path in ("/v1/rerank", "/rerank", "/v1/reranking"):
-        add_route(app, "POST", path, rerank, dialect="openai")
+        add_route(app, "POST", path, rerank, dialect="openai", inference=True)

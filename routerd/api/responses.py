@@ -118,4 +118,5 @@ ROUTES = (("POST", "/v1/responses", create),
 def add_routes(app: web.Application) -> None:
     app.cleanup_ctx.append(store_context)
     for method, path, handler in ROUTES:
-        add_route(app, method, path, handler, dialect="openai")
+        add_route(app, method, path, handler, dialect="openai",
+                  inference=method == "POST" and path == "/v1/responses")

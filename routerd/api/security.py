@@ -30,12 +30,15 @@ the route's dialect. Decisions worth knowing:
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import hmac
 import ipaddress
+import math
 import re
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Awaitable, Callable, Iterable
@@ -46,7 +49,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from ..config import Config, ConfigError
-from ..errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized
+from ..errors import BadRequest, Forbidden, PayloadTooLarge, TooManyRequests, Unauthorized
+from .common import DIALECTS
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -84,13 +88,31 @@ def _model_forms(name: str) -> tuple[str, ...]:
     return (name, f"{name}:latest") if ":" not in name.rsplit("/", 1)[-1] else (name,)
 
 
+ROLES = ("admin", "user")
+
+
 @dataclass(frozen=True)
 class KeyEntry:
-    """One configured key, kept only as its SHA-256 digest."""
+    """One configured key, kept only as its SHA-256 digest, with its role and limits.
+
+    `admin` may do everything (the role of a line without `role=`, as every key could before
+    roles existed); `user` runs inference on its models and lists, shows and ps's them, and
+    may pin a model (`keep_alive: -1`) or change load options (`num_ctx`, `num_gpu`) only
+    with `pin=yes` / `load_options=yes`."""
 
     digest: bytes
     models: frozenset[str] | None  # None: any model
     label: str  # "<file>:<line>", safe to log
+    role: str = "admin"
+    rpm: int | None = None  # requests per minute
+    streams: int | None = None  # concurrent inference requests
+    pin: bool = True
+    load_options: bool = True
+    name: str = ""  # the metrics label; never the key
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
 
     def allows(self, model: str) -> bool:
         if self.models is None:
@@ -117,7 +139,13 @@ class KeyRing:
         return found
 
 
-def _parse_key_line(text: str) -> tuple[bytes, frozenset[str] | None]:
+_KEY_OPTIONS = ("role", "models", "rpm", "streams", "pin", "load_options", "name")
+_YES_NO = {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}
+
+
+def _parse_key_line(text: str) -> tuple[bytes, dict[str, Any]]:
+    """`KEY [role=admin|user] [models=a,b] [rpm=N] [streams=N] [pin=yes|no]
+    [load_options=yes|no] [name=LABEL]` → the key's digest and its KeyEntry fields."""
     fields = text.split()
     secret, options = fields[0], fields[1:]
     if secret.lower().startswith("sha256:"):
@@ -125,26 +153,52 @@ def _parse_key_line(text: str) -> tuple[bytes, frozenset[str] | None]:
         if not _HEX64.fullmatch(hexdigest):
             raise ValueError("sha256: must be followed by 64 hex digits")
         digest = bytes.fromhex(hexdigest)
-    elif _PLAIN_KEY.fullmatch(secret) and not secret.startswith("models="):
+    elif _PLAIN_KEY.fullmatch(secret) and not secret.split("=", 1)[0] in _KEY_OPTIONS:
         digest = _digest(secret)
     else:
         raise ValueError("a key must be visible ASCII without spaces")
-    models: frozenset[str] | None = None
+    out: dict[str, Any] = {}
     for option in options:
         name, sep, value = option.partition("=")
-        if name != "models" or not sep or models is not None:
-            raise ValueError(f"unexpected {option!r} (only one 'models=a,b' may follow a key)")
-        names = value.split(",")
-        if not all(_MODEL_NAME.fullmatch(n) for n in names):
-            raise ValueError(f"invalid model list {value!r}")
-        models = frozenset(f for n in names for f in _model_forms(n))
-    return digest, models
+        if name not in _KEY_OPTIONS or not sep:
+            raise ValueError(f"unexpected {option!r} (after the key: "
+                             + ", ".join(f"{o}=..." for o in _KEY_OPTIONS) + ")")
+        if name in out:
+            raise ValueError(f"unexpected {option!r}: {name}= is given twice")
+        if name == "models":
+            names = value.split(",")
+            if not all(_MODEL_NAME.fullmatch(n) for n in names):
+                raise ValueError(f"invalid model list {value!r}")
+            out["models"] = frozenset(f for n in names for f in _model_forms(n))
+        elif not value:
+            raise ValueError(f"{name}= needs a value")
+        elif name == "role":
+            if value not in ROLES:
+                raise ValueError(f"role must be {' or '.join(ROLES)}, not {value!r}")
+            out["role"] = value
+        elif name in ("rpm", "streams"):
+            if not value.isdigit() or not 0 < int(value) <= 1_000_000:
+                raise ValueError(f"{name} must be a whole number from 1 to 1000000")
+            out[name] = int(value)
+        elif name in ("pin", "load_options"):
+            if value.lower() not in _YES_NO:
+                raise ValueError(f"{name} must be yes or no")
+            out[name] = _YES_NO[value.lower()]
+        else:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+                raise ValueError("name must be 1-64 letters, digits, '.', '_' or '-'")
+            out["name"] = value
+    if out.get("role") == "user":  # what a user key may do beyond inference: only as given
+        out.setdefault("pin", False)
+        out.setdefault("load_options", False)
+    return digest, out
 
 
 def load_api_keys(path: str | Path) -> KeyRing:
     """Read a keys file: one key per line, plain or `sha256:<hex>` (the hex SHA-256 of the
-    key, e.g. `printf %s KEY | sha256sum`), optionally followed by `models=a,b`. `#` starts a
-    comment. A bad line raises ConfigError naming the file and the line."""
+    key, e.g. `printf %s KEY | sha256sum`), optionally followed by `role=`, `models=a,b`,
+    `rpm=`, `streams=`, `pin=`, `load_options=`, `name=`. `#` starts a comment. A bad line
+    raises ConfigError naming the file and the line."""
     file = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -158,13 +212,15 @@ def load_api_keys(path: str | Path) -> KeyRing:
         if not line:
             continue
         try:
-            digest, models = _parse_key_line(line)
+            digest, fields = _parse_key_line(line)
         except ValueError as e:
             raise ConfigError(f"line {lineno}", str(e), file) from None
         if digest in seen:
             raise ConfigError(f"line {lineno}", f"same key as line {seen[digest]}", file)
         seen[digest] = lineno
-        entries.append(KeyEntry(digest, models, f"{file}:{lineno}"))
+        fields.setdefault("name", f"line{lineno}")
+        entries.append(KeyEntry(digest, fields.pop("models", None), f"{file}:{lineno}",
+                                **fields))
     return KeyRing(tuple(entries), file)
 
 
@@ -181,6 +237,27 @@ def check_model_allowed(request: web.Request, model: str, *aliases: str) -> None
     if entry is None or any(entry.allows(n) for n in (model, *aliases)):
         return
     raise Forbidden(f"this API key may not use model {model!r}")
+
+
+def model_visible(request: web.Request, model: str) -> bool:
+    """Whether lists (/api/tags, /api/ps, /v1/models) show `model` to the request's key."""
+    entry: KeyEntry | None = request.get(API_KEY)
+    return entry is None or entry.allows(model)
+
+
+def check_permission(request: web.Request, what: str) -> None:
+    """`pin` (keep_alive -1), `unload` (keep_alive 0) or `load_options` (num_ctx, num_gpu):
+    Forbidden unless the request's key may. No key (auth off, loopback) may do all."""
+    entry: KeyEntry | None = request.get(API_KEY)
+    if entry is None or entry.is_admin:
+        return
+    if what == "pin" and entry.pin or what == "load_options" and entry.load_options:
+        return
+    hint = {"pin": "pin models (keep_alive -1; the key needs pin=yes)",
+            "unload": "unload models (keep_alive 0; an admin key can)",
+            "load_options": "change load options such as num_ctx or num_gpu "
+                            "(the key needs load_options=yes)"}[what]
+    raise Forbidden(f"this API key may not {hint}")
 
 
 # ---------------------------------------------------------------- addresses and hosts
@@ -227,7 +304,8 @@ def _matches_any(name: str, patterns: Iterable[str]) -> bool:
     return False
 
 
-def _make_host_check(config: Config) -> Middleware | None:
+def _host_checker(config: Config) -> Callable[[str | None], bool] | None:
+    """Which Host headers pass (None: any)."""
     allowed = tuple(host_name(h) for h in config.allowed_hosts)
     bound_loopback = is_loopback_host(config.host)
     if not bound_loopback and not allowed:
@@ -244,9 +322,14 @@ def _make_host_check(config: Config) -> Middleware | None:
             return True
         return not bound_loopback and _ip(name) is not None
 
+    return allowed_host
+
+
+def _make_host_check(guard: Guard) -> Middleware:
     @web.middleware
     async def host_check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not allowed_host(request.headers.get("Host")):
+        allowed_host = guard.allowed_host
+        if allowed_host is not None and not allowed_host(request.headers.get("Host")):
             raise Forbidden("Host not allowed (add it to allowed_hosts to reach routerd by it)")
         return await handler(request)
 
@@ -309,15 +392,13 @@ class _Origins:
         return any(p.fullmatch(lowered) for p in self.patterns)
 
 
-def _make_cors(config: Config) -> Middleware:
-    origins = _Origins(config)
-
+def _make_cors(guard: Guard) -> Middleware:
     @web.middleware
     async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin")
         if origin is None:
             return await handler(request)
-        if not origins.allowed(origin):
+        if not guard.origins.allowed(origin):
             raise Forbidden(f"Origin {origin!r} not allowed (see cors_origins)")
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             return _preflight(request, origin)
@@ -326,16 +407,16 @@ def _make_cors(config: Config) -> Middleware:
     return cors
 
 
-def cors_response_hook(config: Config) -> Callable[[web.Request, web.StreamResponse],
-                                                   Awaitable[None]]:
+def cors_response_hook(config: Config | Guard) -> Callable[[web.Request, web.StreamResponse],
+                                                           Awaitable[None]]:
     """An `on_response_prepare` hook echoing an allowed Origin on every response, streams
     and error bodies included (a middleware cannot: streams send their headers inside the
     handler, errors are rendered outside it). Decides from the request's headers alone."""
-    origins = _Origins(config)
+    guard = config if isinstance(config, Guard) else Guard(config, None)
 
     async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
         origin = request.headers.get("Origin")
-        if origin is not None and origins.allowed(origin):
+        if origin is not None and guard.origins.allowed(origin):
             response.headers["Access-Control-Allow-Origin"] = origin
             _merge_vary(response, "Origin")
 
@@ -345,9 +426,11 @@ def cors_response_hook(config: Config) -> Callable[[web.Request, web.StreamRespo
 # ---------------------------------------------------------------- auth and body cap
 
 
-def _is_public(request: web.Request) -> bool:
-    return (request.method in ("GET", "HEAD") and not request.query_string
-            and (request.path in PUBLIC_PATHS or _public_route(request)))
+def _is_public(request: web.Request, guard: Guard | None = None) -> bool:
+    if request.method not in ("GET", "HEAD") or request.query_string:
+        return False
+    return request.path in PUBLIC_PATHS or _public_route(request) or (
+        guard is not None and guard.metrics_public and request.path == "/metrics")
 
 
 def _public_route(request: web.Request) -> bool:
@@ -368,28 +451,109 @@ def _bearer(header: str | None) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-def _make_auth(config: Config, keyring: KeyRing) -> Middleware:
-    exempt_loopback = config.auth.exempt_loopback
+def _make_auth(guard: Guard) -> Middleware:
     challenge = {"WWW-Authenticate": 'Bearer realm="routerd"'}
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         request[API_KEY] = None
-        header = request.headers.get("Authorization")
-        if header is None and (_is_public(request)
-                               or exempt_loopback and _is_loopback_peer(request.remote)):
+        keyring = guard.keyring
+        if keyring is None:
+            return await handler(request)
+        header = request.headers.get("Authorization") or _x_api_key(request)
+        if header is None and (_is_public(request, guard)
+                               or guard.exempt_loopback and _is_loopback_peer(request.remote)):
             return await handler(request)
         token = _bearer(header)
         entry = keyring.check(token) if token is not None else None
         if entry is None:
-            if _is_public(request):
+            if _is_public(request, guard):
                 return await handler(request)
             what = "invalid API key" if token else "missing API key (Authorization: Bearer <key>)"
             raise Unauthorized(what, headers=challenge)
         request[API_KEY] = entry
-        return await handler(request)
+        table = request.app.get(DIALECTS)
+        if not entry.is_admin and (table is not None and table.admin_only(request)
+                                   or request.path == "/metrics"):
+            guard.count(entry, "forbidden")
+            raise Forbidden(f"this API key (role {entry.role}) may not use "
+                            f"{request.method} {request.path}: it needs an admin key")
+        inference = table is not None and table.is_inference(request)
+        guard.admit(entry, inference=inference)
+        try:
+            return await handler(request)
+        finally:
+            guard.done(entry, inference=inference)
 
     return auth
+
+
+def _x_api_key(request: web.Request) -> str | None:
+    """Anthropic's `x-api-key` header, read as a bearer token."""
+    key = request.headers.get("x-api-key")
+    return f"Bearer {key}" if key else None
+
+
+class Guard:
+    """The live security policy, built from the config and rebuilt on SIGHUP (`reload`):
+    the keys file, Host and CORS checks, the body cap. Per-key request windows and
+    in-flight counts belong to the key, not the file: they survive a reload."""
+
+    def __init__(self, config: Config, keyring: KeyRing | None | bool = True) -> None:
+        self.metrics: Any = None  # set by the app: per-key counters
+        self._windows: dict[bytes, collections.deque[float]] = {}
+        self._inflight: dict[bytes, int] = {}
+        self.install(config, keyring_from_config(config) if keyring is True
+                     else keyring if isinstance(keyring, KeyRing) else None)
+
+    def install(self, config: Config, keyring: KeyRing | None) -> None:
+        self.config, self.keyring = config, keyring
+        self.allowed_host = _host_checker(config)
+        self.origins = _Origins(config)
+        self.max_body = config.max_body
+        self.exempt_loopback = config.auth.exempt_loopback
+        self.metrics_public = config.auth.metrics_public
+
+    def reload(self, config: Config) -> None:
+        """Install what `config` says; a keys file that does not load raises ConfigError
+        and changes nothing."""
+        self.install(config, keyring_from_config(config))
+
+    def count(self, entry: KeyEntry, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.count_key(entry.name, outcome)
+
+    def admit(self, entry: KeyEntry, *, inference: bool) -> None:
+        """Per-key limits: requests per minute (any route) and concurrent inference
+        requests. Over either: 429 with Retry-After."""
+        if entry.rpm is not None:
+            now = time.monotonic()
+            window = self._windows.get(entry.digest)
+            if window is None or window.maxlen != entry.rpm:
+                window = self._windows[entry.digest] = collections.deque(
+                    window or (), maxlen=entry.rpm)
+            if len(window) == entry.rpm and now - window[0] < 60:
+                self.count(entry, "rate_limited")
+                retry = max(1, math.ceil(60 - (now - window[0])))
+                raise TooManyRequests(f"this API key may send {entry.rpm} requests per "
+                                      "minute; retry later", retry_after=retry)
+            window.append(now)
+        if inference and entry.streams is not None:
+            if self._inflight.get(entry.digest, 0) >= entry.streams:
+                self.count(entry, "rate_limited")
+                raise TooManyRequests(f"this API key may run {entry.streams} requests at "
+                                      "once; retry when one ends", retry_after=1)
+        if inference:
+            self._inflight[entry.digest] = self._inflight.get(entry.digest, 0) + 1
+        self.count(entry, "admitted")
+
+    def done(self, entry: KeyEntry, *, inference: bool) -> None:
+        if inference:
+            left = self._inflight.get(entry.digest, 1) - 1
+            if left:
+                self._inflight[entry.digest] = left
+            else:
+                self._inflight.pop(entry.digest, None)
 
 
 def client_max_size(config: Config) -> int:
@@ -407,38 +571,36 @@ def _is_blob_upload(request: web.Request) -> bool:
     return resource is not None and resource.canonical.startswith("/api/blobs/")
 
 
-def _make_body_cap(config: Config) -> Middleware:
-    limit = config.max_body
-
-    def too_large() -> PayloadTooLarge:
-        return PayloadTooLarge(f"request body larger than max_body ({limit} bytes)")
-
+def _make_body_cap(guard: Guard) -> Middleware:
     @web.middleware
     async def body_cap(request: web.Request, handler: Handler) -> web.StreamResponse:
         if _is_blob_upload(request):
             return await handler(request)
+        limit = guard.max_body
         length = request.content_length
         if length is not None and length > limit:
-            raise too_large()
+            raise _too_large(limit)
+        if request.client_max_size != limit:  # max_body changed on a reload
+            request = request.clone(client_max_size=limit)
         try:
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:
-            raise too_large() from None
+            raise _too_large(limit) from None
 
     return body_cap
 
 
-def security_middlewares(config: Config, keyring: KeyRing | None) -> list[Middleware]:
-    """Host check, CORS, auth (when a keyring is given), body cap, in that order."""
-    chain: list[Middleware] = []
-    host_check = _make_host_check(config)
-    if host_check is not None:
-        chain.append(host_check)
-    chain.append(_make_cors(config))
-    if keyring is not None:
-        chain.append(_make_auth(config, keyring))
-    chain.append(_make_body_cap(config))
-    return chain
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body larger than max_body ({limit} bytes)")
+
+
+def security_middlewares(config: Config | Guard,
+                         keyring: KeyRing | None = None) -> list[Middleware]:
+    """Host check, CORS, auth, body cap, in that order, all reading the live Guard (one is
+    made from `config` and `keyring` when a Config is given)."""
+    guard = config if isinstance(config, Guard) else Guard(config, keyring)
+    return [_make_host_check(guard), _make_cors(guard), _make_auth(guard),
+            _make_body_cap(guard)]
 
 
 def warn_if_exposed(config: Config, keyring: KeyRing | None, log: Any) -> bool:
@@ -489,3 +651,6 @@ def upstream_path(raw: str) -> str:
     if any(s.split(";", 1)[0] == ".." for s in segments):
         raise BadRequest("upstream path must not contain '..'")
     return "/" + quote("/".join(segments), safe=_PATH_SAFE)
+
+
+GUARD = web.AppKey("guard", Guard)

@@ -81,7 +81,9 @@ async def props(request: web.Request) -> web.Response:
 
 async def slots(request: web.Request) -> web.Response:
     runner, info = request.app[ENGINE].ready()
-    return web.json_response([{"id": i, "n_ctx": info.n_ctx, "is_processing": busy}
+    # next_token.n_decoded moves while a job produces: routerd's hang watch reads it.
+    return web.json_response([{"id": i, "n_ctx": info.n_ctx, "is_processing": busy,
+                               "next_token": [{"n_decoded": runner.produced}]}
                               for i, busy in enumerate(runner.slot_states())])
 
 

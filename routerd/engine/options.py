@@ -7,6 +7,7 @@ The flag names mirror llama-server's where they overlap, so the spawner in
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -52,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="proportions per GPU, e.g. 3,1 (as llama-server)")
     p.add_argument("--main-gpu", "-mg", type=int, default=0)
     p.add_argument("--alias", "-a", default=None, help="model name in responses")
-    p.add_argument("--api-key", default=None, help="required as 'Authorization: Bearer KEY'")
+    p.add_argument("--api-key", default=None,
+                   help="required as 'Authorization: Bearer KEY' (routerd passes it in "
+                        "$ROUTERD_WORKER_API_KEY instead: argv is world-readable)")
     p.add_argument("--embeddings", action="store_true", help="serve /v1/embeddings")
     p.add_argument("--pooling", choices=POOLING, default="mean")
     p.add_argument("--threads", "-t", type=int, default=None)
@@ -78,7 +81,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[EngineOptions, list[s
         model=ns.model, host=ns.host, port=ns.port, ctx_size=ns.ctx_size,
         parallel=ns.parallel, n_gpu_layers=ns.n_gpu_layers, tensor_split=split,
         main_gpu=ns.main_gpu, alias=ns.alias,
-        api_key=ns.api_key or None, embeddings=ns.embeddings, pooling=ns.pooling,
+        api_key=ns.api_key or os.environ.get("ROUTERD_WORKER_API_KEY") or None, embeddings=ns.embeddings, pooling=ns.pooling,
         threads=ns.threads, batch_size=ns.batch_size, flash_attn=ns.flash_attn,
         lifeline_fd=ns.lifeline_fd,
     )

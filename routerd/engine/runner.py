@@ -94,6 +94,7 @@ class ModelRunner(Generic[M]):
         self._waiting = 0
         self._closing = False
         self._current: GenerationControl | None = None
+        self.produced = 0  # items (tokens) jobs have produced: progress, reported by /slots
 
     @property
     def busy(self) -> bool:
@@ -135,6 +136,7 @@ class ModelRunner(Generic[M]):
                     if item.error is not None:
                         raise item.error
                     return
+                self.produced += 1
                 yield item
         finally:
             control.cancel()

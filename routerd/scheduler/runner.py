@@ -12,6 +12,8 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import aiohttp
+
 from ..catalog import ModelEntry
 from ..workers.process import Worker
 from ..workers.state import StateBox
@@ -72,6 +74,17 @@ class Runner:
 
     def note_progress(self) -> None:
         self.worker.progress += 1
+
+    async def activity(self, session: aiohttp.ClientSession, timeout: float) -> bytes | None:
+        """What the engine's /slots says now (llama-server's per-slot progress: tokens
+        decoded, prompt tokens processed); it changes while the engine works on a request.
+        None when the engine does not answer it."""
+        try:
+            async with session.get(self.base_url + "/slots", headers=self.auth_headers,
+                                   timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                return await r.read() if r.status == 200 else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return None
 
     async def exit_code(self, wait: float) -> int | None:
         if self.worker.alive:

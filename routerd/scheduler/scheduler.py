@@ -18,7 +18,8 @@ import structlog
 
 from ..catalog import Catalog, ModelEntry
 from ..config import Config
-from ..errors import ModelFailed, ModelTooLarge, QueueFull, ShuttingDown
+from ..errors import (LoadOptionsFailed, ModelBusy, ModelFailed, ModelTooLarge, QueueFull,
+                      RouterdError, ShuttingDown)
 from ..events import EventSink, NullEvents
 from ..metrics import Metrics, NullMetrics
 from ..workers.process import Worker, WorkerLoadError
@@ -233,22 +234,26 @@ class Scheduler:
         self._loading.pop(name, None)
 
     async def _load(self, entry: ModelEntry) -> Runner:
+        current = self.runners.get(entry.name)
+        if current is not None and current.entry.launch.identity() != entry.launch.identity():
+            # Other load options (Ollama's num_ctx, num_gpu). Whether they can fit at all is
+            # decided before anything stops; the engine is replaced only once idle (never
+            # cut for another client's options), and the wait holds no lock, so loads of
+            # other models go on meanwhile.
+            self._needs(entry)
+            await self._wait_idle(current)
+            if self.runners.get(entry.name) is current:
+                await self._unload(current, reason="load-options-changed")
         async with self._load_lock:
             current = self.runners.get(entry.name)
-            if current is not None and current.entry.launch.identity() != entry.launch.identity():
-                await self._replace(current)  # other load options: reload once it is idle
-                current = None
-            if current is not None and current.worker.ready:
+            if current is not None and current.entry.launch.identity() == entry.launch.identity() \
+                    and current.worker.ready:
                 return current
+            if current is not None:  # another client's options got in first
+                raise ModelBusy(f"model {entry.name!r} was just loaded with other load "
+                                "options by another request; retry", retry_after=1)
             await self.failures.backoff(entry.name)
-            # Placed against the other models' bookings (per GPU: where it goes, how many
-            # layers); the accountant keeps the placement for the launch below.
-            others = [r.view() for r in self.runners.values() if r.name != entry.name]
-            need, estimate = self.acct.need(entry, others, self._stopping_need())
-            budget = self.acct.budget()
-            if not policy.fits_at_all(need, budget):
-                raise ModelTooLarge(f"model {entry.name!r} cannot be loaded: "
-                                    + policy.refusal_message(need, budget))
+            need, estimate, budget = self._needs(entry)
             for attempt in (1, 2):
                 await self._make_room(entry, need, budget)
                 try:
@@ -258,9 +263,44 @@ class Scheduler:
                         log.warning("scheduler.load_oom_retry", model=entry.name)
                         await self._evict(self._idle_runners(), reason="oom-retry")
                         continue
-                    self.failures.record(entry.name, e.message)
-                    raise
+                    if self._own_options(entry):
+                        self.failures.record(entry.name, e.message)
+                        raise
+                    # The request's own load options broke it: that request's error, not the
+                    # model's failure state (the next request loads the configured engine).
+                    log.warning("scheduler.load_options_failed", model=entry.name,
+                                error=e.message[-500:])
+                    raise LoadOptionsFailed(f"model {entry.name!r} failed to load with this "
+                                            f"request's options: {e.message}") from None
         raise AssertionError("unreachable")
+
+    def _needs(self, entry: ModelEntry) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+        """What the entry needs against the budget; ModelTooLarge when it can never fit."""
+        # Placed against the other models' bookings (per GPU: where it goes, how many
+        # layers); the accountant keeps the placement for the launch.
+        others = [r.view() for r in self.runners.values() if r.name != entry.name]
+        need, estimate = self.acct.need(entry, others, self._stopping_need())
+        budget = self.acct.budget()
+        if not policy.fits_at_all(need, budget):
+            raise ModelTooLarge(f"model {entry.name!r} cannot be loaded: "
+                                + policy.refusal_message(need, budget))
+        return need, estimate, budget
+
+    def _own_options(self, entry: ModelEntry) -> bool:
+        """Whether `entry` is the catalog's own (no request changed its load options)."""
+        try:
+            return self.catalog.resolve(entry.name).launch.identity() == entry.launch.identity()
+        except RouterdError:
+            return True
+
+    async def _wait_idle(self, runner: Runner) -> None:
+        deadline = time.monotonic() + self.config.timeouts.load
+        while runner.refs and self.runners.get(runner.name) is runner:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ModelBusy(f"model {runner.name!r} is busy with requests that use other "
+                                "load options; retry when they finish", retry_after=2)
+            await self._wait_changed(min(left, 1.0))
 
     async def _start(self, entry: ModelEntry, need: dict[str, int],
                      estimate: dict[str, int]) -> Runner:
@@ -296,12 +336,6 @@ class Scheduler:
         self._arm_expiry(runner)  # a load with no request (preload, empty prompt) expires too
         self._publish_memory(runner)
         return runner
-
-    async def _replace(self, runner: Runner) -> None:
-        deadline = time.monotonic() + self.config.timeouts.load
-        while runner.refs and time.monotonic() < deadline:
-            await self._wait_changed(1.0)
-        await self._unload(runner, reason="load-options-changed")
 
     def _idle_runners(self) -> list[Runner]:
         return [r for r in self.runners.values() if r.refs == 0 and r.worker.ready]
@@ -358,21 +392,24 @@ class Scheduler:
             if self.runners.get(r.name) is r:
                 del self.runners[r.name]
             self._stopping[id(r)] = r
-            self._spawn(self._unload_behind(r))
-
-    async def _unload_behind(self, runner: Runner) -> None:
-        try:
-            await self._unload(runner, reason="room")
-        finally:
-            self._stopping.pop(id(runner), None)
-            await self._notify()
+            self._spawn(self._unload(r, reason="room"))
 
     async def _unload(self, runner: Runner, *, reason: str) -> None:
+        """Stop a runner. It leaves the model's slot at once (a new load may start), but its
+        memory stays booked (`_stopping`) until its engine has exited."""
         if runner.timer:
             runner.timer.cancel()
             runner.timer = None
         if self.runners.get(runner.name) is runner:
             del self.runners[runner.name]
+        self._stopping[id(runner)] = runner
+        try:
+            await self._stop_runner(runner, reason)
+        finally:
+            self._stopping.pop(id(runner), None)
+        await self._notify()
+
+    async def _stop_runner(self, runner: Runner, reason: str) -> None:
         t = self.config.timeouts
         draining = ModelState.DRAINING if runner.worker.inflight else ModelState.STOPPING
         self._move(runner, (ModelState.READY, ModelState.LOADING), draining, reason=reason)
@@ -384,7 +421,6 @@ class Scheduler:
         self._move(runner, ModelState.STOPPING, ModelState.NOT_LOADED, reason=reason)
         self.metrics.unloaded(runner.name)  # counters stay monotonic
         log.info("scheduler.unloaded", model=runner.name, reason=reason)
-        await self._notify()
 
     def _publish_memory(self, runner: Runner) -> None:
         for res, n in runner.need.items():
@@ -403,11 +439,30 @@ class Scheduler:
             return runner
 
     async def unload(self, name: str) -> bool:
-        entry = self.catalog.resolve(name)
-        runner = self.runners.get(entry.name)
+        """Ollama's keep_alive 0: unload once the model's requests in flight have finished
+        (its streams are not cut); at once when it is idle."""
+        runner = self.runners.get(name) or self.runners.get(self.catalog.resolve(name).name)
         if runner is None:
             return False
-        await self._unload(runner, reason="request")
+        await self.retire_when_idle(runner, reason="request")
+        return True
+
+    async def retire_when_idle(self, runner: Runner, *, reason: str) -> None:
+        """The runner stops once its last request is released (keep_alive 0 from now on)."""
+        runner.keep_alive = 0.0
+        if runner.refs == 0 and self.runners.get(runner.name) is runner:
+            await self._unload(runner, reason=reason)
+        else:
+            log.info("scheduler.unload_when_idle", model=runner.name, reason=reason,
+                     in_use=runner.refs)
+
+    def forget_model(self, name: str) -> bool:
+        """A model deleted from the store: its runner (if loaded) takes no new requests (the
+        catalog no longer names it) and stops once idle; the deleted file is then unmapped."""
+        runner = self.runners.get(name)
+        if runner is None:
+            return False
+        self._spawn(self.retire_when_idle(runner, reason="deleted"))
         return True
 
     async def retire(self, runner: Runner, *, restart: bool = False) -> None:

@@ -65,9 +65,18 @@ class LaunchSpec:
 
 @dataclass(frozen=True)
 class Argv:
+    """What to exec. The worker's API key is never in `argv` (any local user can read
+    /proc/PID/cmdline): it goes in `env` (/proc/PID/environ is the owner's only) or, with
+    `key_file_flag`, in a 0600 file the worker writes and removes once the engine is up."""
+
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     lifeline_flag: bool = False  # the engine understands --lifeline-fd
+    key_file_flag: str | None = None  # e.g. "--api-key-file": the key goes in a private file
+
+
+# routerd's own engine (and `command` workers) read their API key from here.
+ENGINE_KEY_ENV = "ROUTERD_WORKER_API_KEY"
 
 
 def find_llama_server(setting: str = "auto") -> str | None:
@@ -111,26 +120,31 @@ def build_argv(spec: LaunchSpec, *, host: str, port: int, api_key: str,
         if not llama_server:
             raise BackendError("backend llama-server: no llama-server binary found "
                                "(set engines.llama_server or run make install)")
-        return Argv([llama_server, "-m", spec.path, *_server_flags(spec, host, port, api_key)],
-                    env=_gpu_env(spec))
+        return Argv([llama_server, "-m", spec.path, *_server_flags(spec, host, port)],
+                    env={**_gpu_env(spec), "LLAMA_API_KEY": api_key})
     if spec.backend == "llamafile":
         # APE executables run through sh, which works whatever binfmt_misc says.
+        # llamafile's older server may not read LLAMA_API_KEY: a 0600 key file it reads.
         return Argv(["sh", spec.path, "--server", "--nobrowser",
-                     *_server_flags(spec, host, port, api_key, modern=False)],
-                    env=_gpu_env(spec))
+                     *_server_flags(spec, host, port, modern=False)],
+                    env=_gpu_env(spec), key_file_flag="--api-key-file")
     if spec.backend == "llama-cpp-python":
         argv = [sys.executable, "-m", "routerd.engine", "--model", spec.path,
                 "--host", host, "--port", str(port), "--ctx-size", str(spec.ctx_size),
-                "--parallel", str(spec.parallel), "--alias", spec.model, "--api-key", api_key,
+                "--parallel", str(spec.parallel), "--alias", spec.model,
                 "--n-gpu-layers", _ngl(spec, "-1"), *_split_flags(spec)]
         if spec.embeddings:
             argv.append("--embeddings")
-        return Argv([*argv, *spec.args], env=_gpu_env(spec), lifeline_flag=True)
+        return Argv([*argv, *spec.args], env={**_gpu_env(spec), ENGINE_KEY_ENV: api_key},
+                    lifeline_flag=True)
     if spec.backend == "command":
         subst = {"port": str(port), "host": host, "api_key": api_key, "model": spec.path,
                  "name": spec.model, "ctx_size": str(spec.ctx_size),
                  "parallel": str(spec.parallel)}
-        return Argv([_format(a, subst) for a in spec.command] + list(spec.args))
+        # The key in the environment too; `{api_key}` in a command's argv is the operator's
+        # choice (and visible to local users: README says so).
+        return Argv([_format(a, subst) for a in spec.command] + list(spec.args),
+                    env={ENGINE_KEY_ENV: api_key, "LLAMA_API_KEY": api_key})
     raise BackendError(f"unknown backend {spec.backend!r}")
 
 
@@ -140,11 +154,12 @@ def _format(arg: str, subst: dict[str, str]) -> str:
     return arg
 
 
-def _server_flags(spec: LaunchSpec, host: str, port: int, api_key: str, *,
+def _server_flags(spec: LaunchSpec, host: str, port: int, *,
                   modern: bool = True) -> Sequence[str]:
-    """llama-server flags. `modern=False` leaves out what llamafile's older server lacks."""
+    """llama-server flags (the key comes by environment or file, never here). `modern=False`
+    leaves out what llamafile's older server lacks."""
     flags = ["--host", host, "--port", str(port), "-c", str(spec.ctx_size),
-             "-np", str(spec.parallel), "--api-key", api_key, "--alias", spec.model]
+             "-np", str(spec.parallel), "--alias", spec.model]
     if modern:
         # What runs must match what the budget booked: no engine-side auto-fitting, every
         # layer offloaded when a GPU exists (gpu_layers: auto), and no prompt cache growing

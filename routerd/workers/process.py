@@ -16,6 +16,7 @@ import secrets
 import signal
 import socket
 import sys
+import tempfile
 import time
 from typing import Any, AsyncIterator, Callable
 
@@ -115,6 +116,7 @@ class Worker:
         self.load_seconds = 0.0
         self.returncode: int | None = None
         self.failure: str | None = None
+        self._key_file: str | None = None
 
     # ------------------------------------------------------------------ properties
 
@@ -152,12 +154,14 @@ class Worker:
             await self._spawn()
             await self._wait_ready(timeout)
         except BaseException as e:
+            self._remove_key_file()
             failure = e if isinstance(e, WorkerLoadError) else None
             if self.state.swap((WorkerState.STARTING,), WorkerState.FAILED):
                 self.failure = failure.message if failure else f"load aborted: {e!r}"
             await self._kill_group()
             raise
         self.load_seconds = time.monotonic() - self.started_at
+        self._remove_key_file()  # read at startup: no need to leave it on disk
         self.state.swap(WorkerState.STARTING, WorkerState.READY)
         log.info("worker.ready", model=self.model, pid=self.pid, port=self.port,
                  load_s=round(self.load_seconds, 3))
@@ -169,6 +173,8 @@ class Worker:
         cmd = list(argv.argv)
         if argv.lifeline_flag:
             cmd += ["--lifeline-fd", str(read_end)]
+        if argv.key_file_flag:
+            cmd += [argv.key_file_flag, self._write_key_file()]
         # A worker must not talk to systemd as if it were routerd.
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"} | argv.env
         loop = asyncio.get_running_loop()
@@ -191,6 +197,21 @@ class Worker:
         self._tasks = [asyncio.create_task(self._read(self.proc.stdout, "stdout")),
                        asyncio.create_task(self._read(self.proc.stderr, "stderr")),
                        asyncio.create_task(self._monitor())]
+
+    def _write_key_file(self) -> str:
+        """The API key in a file only this user can read (mkstemp makes it 0600), for
+        engines that take `--api-key-file`; removed once the engine has read it (ready)."""
+        fd, path = tempfile.mkstemp(prefix="routerd-worker-", suffix=".key")
+        with os.fdopen(fd, "w") as f:
+            f.write(self.api_key + "\n")
+        self._key_file = path
+        return path
+
+    def _remove_key_file(self) -> None:
+        if self._key_file is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._key_file)
+            self._key_file = None
 
     async def _wait_ready(self, timeout: float) -> None:
         """Probe /health when the engine says it serves (a log line, see _READY_HINT_RE),

@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="fake llama-server", allow_abbrev=False)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--api-key", default=os.environ.get("ROUTERD_WORKER_API_KEY"))
     p.add_argument("-m", "--model", default="fake-model.gguf")
     p.add_argument("-a", "--alias", default=None)
     p.add_argument("-c", "--ctx-size", type=int, default=4096)
@@ -70,6 +70,7 @@ class Worker:
     args: argparse.Namespace
     ready_at: float
     active: int = 0
+    decoded: int = 0  # tokens produced so far (reported by /slots, as llama-server does)
     vocab: dict[str, int] = field(default_factory=dict)
     ballast: bytes = b""
 
@@ -187,7 +188,7 @@ async def slots(request: web.Request) -> web.Response:
     worker = get_worker(request)
     return web.json_response([
         {"id": i, "n_ctx": worker.args.ctx_size // worker.args.parallel,
-         "is_processing": i < worker.active}
+         "is_processing": i < worker.active, "next_token": [{"n_decoded": worker.decoded}]}
         for i in range(worker.args.parallel)
     ])
 
@@ -233,6 +234,7 @@ async def generate(worker: Worker, tokens: list[str]) -> AsyncIterator[str]:
                 await asyncio.sleep(worker.args.token_delay)
             if worker.hung():
                 await hang_forever()
+            worker.decoded += 1
             yield token
     finally:
         worker.active -= 1

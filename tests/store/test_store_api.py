@@ -18,6 +18,7 @@ from aiohttp import web
 
 from routerd import keys
 from routerd.api.common import error_middleware
+from routerd.events import EventBus
 from routerd.api.manage import PULLER, add_routes, store_context
 from routerd.config import parse_config
 from routerd.client.progress import run_cp, run_pull, run_rm
@@ -80,6 +81,7 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
     app = web.Application(middlewares=[error_middleware])
     app[keys.CONFIG] = config
     app[keys.CATALOG] = CatalogSpy()
+    app[keys.EVENTS] = EventBus()
     app.cleanup_ctx.append(store_context)
     add_routes(app)
     runner = web.AppRunner(app, access_log=None)

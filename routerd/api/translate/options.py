@@ -11,6 +11,7 @@ as Ollama does.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,17 +62,34 @@ LOAD: dict[str, str] = {
 }
 
 
+# Load options an engine is started with: bounded, so one request cannot ask for a context
+# no machine has (num_ctx 10**400 overflowed the memory estimate) or layers no model has.
+LOAD_RANGES: dict[str, tuple[int, int]] = {
+    "num_ctx": (1, 1 << 24),
+    "num_batch": (1, 1 << 20),
+    "num_gpu": (-1, 1 << 16),
+    "main_gpu": (0, 255),
+    "num_thread": (0, 4096),
+    "num_gqa": (0, 1 << 16),
+}
+_INT_MAX = (1 << 63) - 1  # what every engine's JSON parser holds
+
+
 def coerce(key: str, value: Any, kind: str) -> Any:
-    """Check one option's type; integral floats are accepted where an integer is due."""
+    """Check one option's type and range; integral floats are accepted where an integer is
+    due. Non-finite numbers and integers beyond 64 bits are refused (engines answer 5xx)."""
     t = type(value)
     if kind is _NUM:
-        if t is float or t is int:
+        if t is int and -_INT_MAX <= value <= _INT_MAX or t is float and math.isfinite(value):
             return value
     elif kind is _INT:
-        if t is int:
-            return value
         if t is float and value.is_integer():
-            return int(value)
+            value, t = int(value), int
+        if t is int:
+            low, high = LOAD_RANGES.get(key, (-_INT_MAX, _INT_MAX))
+            if not low <= value <= high:
+                raise BadRequest(f'option "{key}" must be from {low} to {high}, got {value}')
+            return value
     elif t is bool:
         return value
     raise BadRequest(f'option "{key}" must be {kind}, got {json_type(value)}')
