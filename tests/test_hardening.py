@@ -373,3 +373,30 @@ async def test_a_model_deleted_while_loaded_is_unloaded(daemons: Callable[..., D
     await wait_for(lambda: pid_gone(pid), 10, "its engine exited")
     blob = Path(d.workdir / "models" / "blobs" / digest.replace(":", "-"))
     assert not blob.exists()
+
+
+async def test_a_client_dribbling_headers_is_cut_at_client_idle(
+        daemons: Callable[..., Daemon]) -> None:  # noqa: F811
+    """An fd held for about an hour by a client that never finishes its headers (aiohttp's
+    default keep-alive timeout of 3630 s) is closed at timeouts.client_idle."""
+    d = daemons({"a": fake_model()}, timeouts={"client_idle": "1s"})
+
+    def dribble() -> bytes:
+        with socket.create_connection(("127.0.0.1", d.port), timeout=15) as s:
+            s.sendall(b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\n")
+            try:
+                for _ in range(30):  # a header line every 0.2 s, never the blank line
+                    s.sendall(b"X-Slow: 1\r\n")
+                    s.settimeout(0.2)
+                    try:
+                        data = s.recv(1024)
+                    except TimeoutError:
+                        continue
+                    return data  # b"" once the server closed it
+            except (BrokenPipeError, ConnectionResetError):
+                return b""
+            return b"still open"
+
+    assert await asyncio.to_thread(dribble) == b""
+    async with aiohttp.ClientSession() as s, s.get(d.base_url + "/") as r:
+        assert r.status == 200
