@@ -198,7 +198,7 @@ async def logs(request: web.Request) -> web.StreamResponse:
 
 async def refresh(request: web.Request) -> web.Response:
     catalog = request.app[keys.CATALOG]
-    catalog.refresh()
+    await catalog.refresh_async()  # a rescan of every source: in a thread
     return jresp({"models": len(catalog.entries())})
 
 
