@@ -212,6 +212,16 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class SwapBatch:
+    """How far requests for a loaded model may overtake a load waiting for its room: at most
+    `requests` of them, and only within `wait` seconds of that load's request (0 and 0: plain
+    arrival order). Requests that came before the waiting load are served first either way."""
+
+    requests: int = 8
+    wait: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     host: str = "127.0.0.1"
     port: int = 11434
@@ -222,6 +232,9 @@ class Config:
     keep_alive: float = 300.0
     max_queue: int = 512
     max_loaded: int = 0
+    swap_batch: SwapBatch = SwapBatch()
+    min_resident: float = 5.0  # a model that displaced another is not cut off for it sooner
+    abort_unwanted_loads: bool = False  # cancel a load once no request waits for it
     max_body: int = 8 * 1024**2
     memory: MemoryConfig = MemoryConfig()
     engines: EnginesConfig = EnginesConfig()
@@ -347,6 +360,25 @@ def _parse_gpu_pin(r: _Reader) -> tuple[int, ...] | None:
     return tuple(value)
 
 
+def _parse_swap_batch(value: Any) -> SwapBatch:
+    """`swap_batch: 8` (a count), `swap_batch: 20s` (a wait), or `{requests: 8, wait: 20s}`;
+    a count alone has no time bound, a wait alone no count bound."""
+    if isinstance(value, bool):
+        raise ConfigError("swap_batch", "must be a count, a duration or {requests, wait}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError("swap_batch", f"must be >= 0, got {value}")
+        return SwapBatch(value, math.inf)
+    if isinstance(value, (str, float)):
+        return SwapBatch(2**31, parse_duration(value, "swap_batch"))
+    if isinstance(value, dict):
+        r = _Reader(value, "swap_batch.", {"requests", "wait"})
+        wait = r.data.get("wait", SwapBatch.wait)
+        return SwapBatch(r.positive_int("requests", SwapBatch.requests, 0),
+                         parse_duration(wait, "swap_batch.wait"))
+    raise ConfigError("swap_batch", "must be a count, a duration or {requests, wait}")
+
+
 def parse_config(data: Mapping[str, Any] | None, file: str | None = None) -> Config:
     data = data or {}
     try:
@@ -411,6 +443,10 @@ def parse_config(data: Mapping[str, Any] | None, file: str | None = None) -> Con
             keep_alive=parse_duration(data.get("keep_alive", Config.keep_alive), "keep_alive"),
             max_queue=r.positive_int("max_queue", Config.max_queue),
             max_loaded=r.positive_int("max_loaded", Config.max_loaded, 0),
+            swap_batch=_parse_swap_batch(data.get("swap_batch", {})),
+            min_resident=parse_duration(data.get("min_resident", Config.min_resident),
+                                        "min_resident"),
+            abort_unwanted_loads=r.get("abort_unwanted_loads", bool, False),
             max_body=parse_size(data.get("max_body", Config.max_body), "max_body"),
             memory=memory,
             engines=EnginesConfig(er.get("llama_server", str, EnginesConfig.llama_server)),
