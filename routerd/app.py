@@ -88,6 +88,7 @@ async def scheduler_context(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(preload, return_exceptions=True)
     await prober.stop()
     await scheduler.close(config.timeouts.drain)
+    await catalog.close()  # a rescan still in its thread
 
 
 async def metrics_context(app: web.Application) -> AsyncIterator[None]:

@@ -2,8 +2,9 @@
 small field parsers shared by the dialects.
 
 Hostile JSON is a 400, decided here before anything reaches an engine: nesting deeper than
-the decoder's recursion limit, `NaN`/`Infinity` and numbers too large for a double (not JSON; engines answer 5xx to them), lone UTF-16 surrogates
-(they cannot be encoded to UTF-8), integers too long to parse.
+the decoder's recursion limit, `NaN`/`Infinity`, numbers too large for a double, integers
+beyond 64 bits (engines answer 5xx to all of these), and lone UTF-16 surrogates (they cannot
+be encoded to UTF-8).
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ def _finite(text: str) -> float:
     return value
 
 
-_decode = json.JSONDecoder(parse_constant=_no_constants, parse_float=_finite).decode
+def _int64(text: str) -> int:
+    value = int(text)
+    if not -(1 << 63) <= value < 1 << 64:  # int64 and uint64 (seeds): what engines parse
+        raise ValueError(f"integer {text[:40]}... does not fit in 64 bits")
+    return value
+
+
+_decode = json.JSONDecoder(parse_constant=_no_constants, parse_float=_finite,
+                           parse_int=_int64).decode
 
 
 def parse_object(raw: bytes, *, required: bool = True) -> dict[str, Any]:

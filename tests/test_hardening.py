@@ -400,3 +400,15 @@ async def test_a_client_dribbling_headers_is_cut_at_client_idle(
     assert await asyncio.to_thread(dribble) == b""
     async with aiohttp.ClientSession() as s, s.get(d.base_url + "/") as r:
         assert r.status == 200
+
+
+def test_the_body_reader_refuses_what_no_engine_parses() -> None:
+    from routerd.bodies import parse_object
+    from routerd.errors import BadRequest
+
+    for raw in (b'{"max_tokens": 1' + b"0" * 400 + b"}", b'{"t": 1e400}', b'{"t": -Infinity}',
+                b'{"s": "\\udfff"}', b"[" * 5000 + b"]" * 5000):
+        with pytest.raises(BadRequest):
+            parse_object(raw)
+    assert parse_object(b'{"seed": 18446744073709551615, "t": 0.5}') == {
+        "seed": 18446744073709551615, "t": 0.5}
