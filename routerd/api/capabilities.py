@@ -23,7 +23,7 @@ _THINKING = re.compile(r"enable_thinking|<think>|reasoning_content|\bthinking\b"
 
 
 def of(entry: Any, info: Any) -> list[str]:
-    template = entry.template or (info.chat_template if info is not None else None) or ""
+    template = template_of(entry, info)
     meta = getattr(info, "metadata", None) or {}
     arch = meta.get("general.architecture", "")
     pooling = meta.get(f"{arch}.pooling_type") if arch else None
@@ -44,8 +44,13 @@ def of(entry: Any, info: Any) -> list[str]:
     return caps
 
 
+def template_of(entry: Any, info: Any) -> str:
+    return entry.template or (info.chat_template if info is not None else None) or ""
+
+
 def check_ollama_chat(name: str, caps: list[str], body: dict[str, Any]) -> None:
-    """Ollama's 400s for a capability the model lacks (its messages, word for word)."""
+    """Ollama's 400s for a capability the model lacks (its messages, word for word). The
+    caller skips this when the chat template cannot be read (nothing is known to be missing)."""
     if body.get("tools") and "tools" not in caps:
         raise BadRequest(f"{name} does not support tools")
     think = body.get("think")

@@ -88,7 +88,8 @@ async def _infer(request: web.Request, body: dict[str, Any], *, chat: bool,
     entry = _entry(request, name, body)
     if body.get("tools") or body.get("think"):  # Ollama's 400 for what the model lacks
         info = read_info(entry.launch.path) if entry.launch.path else None
-        capabilities.check_ollama_chat(name, capabilities.of(entry, info), body)
+        if capabilities.template_of(entry, info):  # unknown template: let the engine decide
+            capabilities.check_ollama_chat(name, capabilities.of(entry, info), body)
     if chat:
         path, payload = CHAT_PATH, tx.chat_request(body, entry.defaults)
     else:
