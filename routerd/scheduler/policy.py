@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..units import human_bytes
 
@@ -20,6 +21,7 @@ class Loaded:
     in_use: int  # active leases
     last_used: float  # monotonic time of the last release (or load)
     pinned: bool  # keep_alive -1: evicted only after every unpinned idle model
+    load_seconds: float = 0.0  # its last measured load time; 0 = not measured
 
     @property
     def size(self) -> int:
@@ -35,11 +37,36 @@ def fits_at_all(need: Mapping[str, int], budget: Mapping[str, int]) -> bool:
     return all(need.get(r, 0) <= budget.get(r, 0) for r in _resources(need, budget))
 
 
-def eviction_order(loaded: Sequence[Loaded]) -> list[Loaded]:
-    """Idle models in the order they may be evicted: unpinned before pinned,
-    least recently used first, larger first on ties."""
+# A model's load time is measured once it is loaded; until then it is guessed from its size
+# (reading the file at about 1 GiB/s, plus the engine's start).
+GUESS_START_S, GUESS_BYTES_PER_S = 0.5, float(1 << 30)
+
+
+def reload_cost(m: Loaded) -> float:
+    """Seconds it would take to load `m` again: its measured load time, else a size guess."""
+    if m.load_seconds > 0:
+        return m.load_seconds
+    return GUESS_START_S + m.size / GUESS_BYTES_PER_S
+
+
+def eviction_score(m: Loaded, now: float) -> float:
+    """Idle seconds per second of reload (Lemonade's idle / load-time score): a model long
+    idle and cheap to load again scores high and goes first."""
+    return max(now - m.last_used, 0.0) / max(reload_cost(m), 0.05)
+
+
+def _order_key(now: float | None) -> Any:
+    if now is None:  # no clock given: least recently used first
+        return lambda m: (m.pinned, m.last_used, -m.size, m.name)
+    return lambda m: (m.pinned, -eviction_score(m, now), -m.size, m.name)
+
+
+def eviction_order(loaded: Sequence[Loaded], now: float | None = None) -> list[Loaded]:
+    """Idle models in the order they may be evicted: unpinned before pinned, then by
+    `eviction_score` at `now` (without `now`: least recently used first), larger first on
+    ties."""
     idle = [m for m in loaded if m.in_use == 0]
-    return sorted(idle, key=lambda m: (m.pinned, m.last_used, -m.size, m.name))
+    return sorted(idle, key=_order_key(now))
 
 
 def _shortage(need: Mapping[str, int], loaded: Sequence[Loaded], budget: Mapping[str, int],
@@ -81,8 +108,8 @@ def fits_alongside(need: Mapping[str, int], loaded: Sequence[Loaded],
 
 
 def choose_victims(need: Mapping[str, int], loaded: Sequence[Loaded], budget: Mapping[str, int],
-                   *, max_loaded: int = 0,
-                   reserved: Mapping[str, int] | None = None) -> list[Loaded] | None:
+                   *, max_loaded: int = 0, reserved: Mapping[str, int] | None = None,
+                   now: float | None = None) -> list[Loaded] | None:
     """The idle models to evict, in eviction order, so that ``need`` fits.
 
     [] when it fits already; None when it cannot fit now (busy models hold the
@@ -92,8 +119,29 @@ def choose_victims(need: Mapping[str, int], loaded: Sequence[Loaded], budget: Ma
     choice first, so no single victim can be spared."""
     if not fits_at_all(need, budget):
         return None
+    return _pick(need, loaded, budget, eviction_order(loaded, now), max_loaded, reserved)
+
+
+def blockers(need: Mapping[str, int], loaded: Sequence[Loaded], budget: Mapping[str, int],
+             *, max_loaded: int = 0, reserved: Mapping[str, int] | None = None,
+             now: float | None = None) -> list[Loaded]:
+    """The busy models that keep ``need`` out: those that would have to go too once every
+    idle model has gone (busy ones taken in the same order as idle ones). [] when idle models
+    are enough, or when ``need`` can never fit."""
+    if not fits_at_all(need, budget):
+        return []
+    key = _order_key(now)
+    idle = sorted((m for m in loaded if m.in_use == 0), key=key)
+    busy = sorted((m for m in loaded if m.in_use > 0), key=key)
+    picked = _pick(need, loaded, budget, idle + busy, max_loaded, reserved)
+    return [m for m in picked or () if m.in_use > 0]
+
+
+def _pick(need: Mapping[str, int], loaded: Sequence[Loaded], budget: Mapping[str, int],
+          order: Sequence[Loaded], max_loaded: int,
+          reserved: Mapping[str, int] | None) -> list[Loaded] | None:
     victims: list[Loaded] = []
-    for cand in eviction_order(loaded):
+    for cand in order:
         if _fits(need, loaded, budget, victims, max_loaded, reserved):
             break
         short = _shortage(need, loaded, budget, victims, reserved)
@@ -109,6 +157,16 @@ def choose_victims(need: Mapping[str, int], loaded: Sequence[Loaded], budget: Ma
     return victims
 
 
+def may_overtake(overtaken: int, since: float, now: float, *, requests: int, wait: float,
+                 resident_until: float = 0.0) -> bool:
+    """Whether one more request for a loaded model may be served ahead of a load that waits
+    for that model's room (`swap_batch`): `overtaken` requests that came after the waiting
+    load (asked at `since`) have gone ahead so far; at most `requests` may, and only within
+    `wait` seconds. Until `resident_until` (`min_resident` after this model displaced the
+    waiting one) they always may."""
+    if now < resident_until:
+        return True
+    return overtaken < requests and now - since < wait
 
 
 def resource_label(resource: str) -> str:

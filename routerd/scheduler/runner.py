@@ -47,7 +47,8 @@ class Runner:
 
     def view(self) -> policy.Loaded:
         return policy.Loaded(name=self.name, need=self.need, in_use=self.refs,
-                             last_used=self.last_used, pinned=math.isinf(self.keep_alive))
+                             last_used=self.last_used, pinned=math.isinf(self.keep_alive),
+                             load_seconds=self.worker.load_seconds)
 
     def snapshot(self) -> RunnerSnapshot:
         w, launch = self.worker, self.entry.launch

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import time
 from functools import partial
@@ -24,13 +25,17 @@ from ..events import EventSink, NullEvents
 from ..metrics import Metrics, NullMetrics
 from ..workers.process import Worker, WorkerLoadError
 from ..workers.state import WorkerState
-from . import policy
+from . import policy, progress
 from .accounting import Accountant
+from .batching import Batches, Gate
+from .cache import CacheKeeper
+from .cpu import launch as cpu_launch
 from .lifecycle import ModelState, RunnerSnapshot
 from .runner import Runner
 from .supervision import FailureTracker
 
 log = structlog.get_logger(__name__)
+LOAD_TICK_S = 1.0  # a load's progress event every so often
 
 # Builds the worker for an entry; the scheduler passes the exit hook it wants called.
 WorkerFactory = Callable[[ModelEntry, Callable[[Worker], None]], Worker]
@@ -42,8 +47,10 @@ class Scheduler:
     def __init__(self, config: Config, catalog: Catalog, worker_factory: WorkerFactory,
                  accountant: Accountant, *, metrics: Metrics | None = None,
                  events: EventSink | None = None,
-                 failures: FailureTracker | None = None) -> None:
+                 failures: FailureTracker | None = None,
+                 cache: CacheKeeper | None = None) -> None:
         self.config, self.catalog, self._new_worker = config, catalog, worker_factory
+        self.cache = cache or CacheKeeper(None, llama_server=None)  # prompt caches (cache.py)
         self.acct = accountant
         self.metrics: Metrics = metrics if metrics is not None else NullMetrics()
         self.events: EventSink = events if events is not None else NullEvents()
@@ -61,6 +68,10 @@ class Scheduler:
         self.waiting = 0
         self.closing = False
         self.last_logs: dict[str, list[str]] = {}  # the last worker's output, per model
+        self.batches = Batches()  # swap_batch and min_resident (batching.py)
+        self._asked: dict[str, float] = {}  # when each queued load was asked (its place in line)
+        self._load_waiters: dict[str, int] = {}  # requests waiting on each load
+        self.load_times: dict[str, float] = {}  # last measured load seconds, per model
 
     # ------------------------------------------------------------------ leases
 
@@ -88,14 +99,29 @@ class Scheduler:
             raise QueueFull(f"server busy: {self.waiting} requests already waiting "
                             f"(max_queue {self.config.max_queue}); retry later", retry_after=2)
         runner = None
+        arrived = time.monotonic()
         self._set_waiting(+1)
         try:
-            runner = await self.ensure_loaded(entry)
-            runner.refs += 1
-            if runner.timer:
-                runner.timer.cancel()
-                runner.timer, runner.expires_at = None, None
-            await runner.slots.acquire()
+            while True:
+                runner = await self.ensure_loaded(entry, arrived)
+                gate = self.batches.held_back(runner, arrived) if self.batches.gates else None
+                if gate is not None:  # the batch that overtook a waiting load is full: wait for it
+                    runner = None
+                    await self._step_aside(gate)
+                    continue
+                runner.refs += 1
+                if runner.timer:
+                    runner.timer.cancel()
+                    runner.timer, runner.expires_at = None, None
+                await runner.slots.acquire()
+                gate = (self.batches.took_slot(runner, arrived)
+                        if self._asked or self.batches.gates else None)
+                if gate is None:
+                    break
+                runner.slots.release()
+                self._release(runner, None)
+                runner = None
+                await self._step_aside(gate)
         except BaseException:
             if runner is not None:
                 self._release(runner, keep_alive)
@@ -104,6 +130,12 @@ class Scheduler:
             self._set_waiting(-1)
         runner.worker.begin()
         return runner
+
+    async def _step_aside(self, gate: Gate) -> None:
+        """Wait for the load this request let go first (bounded: that load's wait for room
+        and its start are each bounded by timeouts.load); then it queues again."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(gate.done.wait(), self.config.timeouts.load)
 
     def release(self, runner: Runner, keep_alive: float | None = None) -> None:
         """Give back what `acquire` took."""
@@ -211,7 +243,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ loading
 
-    async def ensure_loaded(self, entry: ModelEntry) -> Runner:
+    async def ensure_loaded(self, entry: ModelEntry, arrived: float | None = None) -> Runner:
+        """A ready runner for `entry`, loading it if needed. `arrived`: when the request
+        came, its place in line against loads that wait for room (batching.py)."""
         want = entry.launch.identity()
         for _ in range(3):  # a load with other load options may be in flight: then ours
             runner = self.runners.get(entry.name)
@@ -222,16 +256,69 @@ class Scheduler:
             if task is None:
                 task = asyncio.get_running_loop().create_task(self._load(entry))
                 self._loading[entry.name] = task
+                self._asked[entry.name] = arrived or time.monotonic()
                 task.add_done_callback(partial(self._loaded, entry.name))
-            # Shielded: one impatient client leaving does not cancel a load others wait on.
-            runner = await asyncio.shield(task)
+                self._spawn(self._watch_load(entry.name, task))
+            elif arrived is not None and entry.name in self._asked:
+                self._asked[entry.name] = min(self._asked[entry.name], arrived)
+            runner = await self._join_load(entry.name, task)
             if runner.entry.launch.identity() == want:
                 return runner
         raise ModelFailed(f"model {entry.name!r} is being reloaded with other options by "
                           "concurrent requests; retry")
 
+    async def _join_load(self, name: str, task: asyncio.Task[Runner]) -> Runner:
+        """Wait for a model's load. Shielded: a client that leaves does not cancel a load that
+        others wait on, nor one nobody waits on any more (the next client finds it ready,
+        keep_alive then applies) unless `abort_unwanted_loads` is set."""
+        self._load_waiters[name] = self._load_waiters.get(name, 0) + 1
+        try:
+            return await asyncio.shield(task)
+        finally:
+            left = self._load_waiters[name] = self._load_waiters.get(name, 1) - 1
+            if left <= 0:
+                self._load_waiters.pop(name, None)
+            if (left <= 0 and self.config.abort_unwanted_loads and not task.done()
+                    and self._loading.get(name) is task):
+                log.info("scheduler.load_aborted", model=name, reason="no request waits")
+                task.cancel()
+
+    async def _watch_load(self, name: str, task: asyncio.Task[Runner]) -> None:
+        """While a load runs: its progress on the event bus (`model.loading`) every second;
+        once ready, its load time for the next progress estimate."""
+        while not task.done():
+            await asyncio.wait({task}, timeout=LOAD_TICK_S)
+            at = self.load_progress(name)
+            if at is not None and not task.done():
+                self.events.publish("model.loading", model=name, progress=at,
+                                    waiting=self._load_waiters.get(name, 0))
+        if not task.cancelled() and task.exception() is None:
+            seconds = task.result().worker.load_seconds
+            if seconds > 0:
+                self.load_times[name] = seconds
+
+    def load_progress(self, name: str) -> float | None:
+        """How far `name`'s load has come (0..0.99); None when no load of it is under way."""
+        runner = self.runners.get(name)
+        if runner is None and name not in self._loading:
+            with contextlib.suppress(RouterdError):
+                name = self.catalog.resolve(name).name
+            runner = self.runners.get(name)
+        if runner is not None and runner.state.value is ModelState.LOADING:
+            w = runner.worker
+            started = getattr(w, "started_at", 0.0)
+            elapsed = time.monotonic() - started if started else 0.0
+            expected = self.load_times.get(name) or None
+            return progress.load_progress(list(w.lines)[-64:], elapsed, expected)
+        if name in self._loading and runner is None:
+            return 0.0  # queued: waiting for the load lock or for room
+        return None
+
     def _loaded(self, name: str, _task: asyncio.Task[Runner]) -> None:
         self._loading.pop(name, None)
+        self._asked.pop(name, None)
+        if not self._asked:
+            self.batches.no_load_queued()
 
     async def _load(self, entry: ModelEntry) -> Runner:
         current = self.runners.get(entry.name)
@@ -305,6 +392,8 @@ class Scheduler:
     async def _start(self, entry: ModelEntry, need: dict[str, int],
                      estimate: dict[str, int]) -> Runner:
         entry = self.acct.launch(entry)  # with its GPU placement (-ngl, devices, split)
+        entry = cpu_launch(entry, [r.entry.launch for r in self.runners.values()], self.config)
+        entry = self.cache.launch(entry, self.config)  # --slot-save-path (cache.py)
         worker = self._new_worker(entry, self.worker_exited)
         keep = entry.keep_alive if entry.keep_alive is not None else self.config.keep_alive
         runner = Runner(entry=entry, worker=worker, need=dict(need), estimate=dict(estimate),
@@ -315,6 +404,7 @@ class Scheduler:
                             booked=runner.need)
         try:
             await worker.start(self.config.timeouts.load)
+            await self.cache.restore(runner, self.config)  # saved slots, before any request
         except BaseException as e:
             if self.runners.get(entry.name) is runner:
                 del self.runners[entry.name]
@@ -342,16 +432,28 @@ class Scheduler:
 
     async def _make_room(self, entry: ModelEntry, need: dict[str, int],
                          budget: dict[str, int]) -> None:
+        """Evict idle models by cost until `entry` fits; while busy models hold the room, gate
+        them (batching.py) and wait, bounded by timeouts.load; then a 503 to retry."""
+        try:
+            await self._find_room(entry, need, budget)
+        finally:
+            self.batches.end(entry.name)
+
+    async def _find_room(self, entry: ModelEntry, need: dict[str, int],
+                         budget: dict[str, int]) -> None:
         deadline = time.monotonic() + self.config.timeouts.load
         while True:
+            asked = self._asked.get(entry.name, deadline - self.config.timeouts.load)
             others = [r for r in self.runners.values() if r.name != entry.name]
-            views = [r.view() for r in others]
+            views = [self._view(r) for r in others]
             reserved = self._stopping_need()
-            victims = policy.choose_victims(need, views, budget,
+            now = time.monotonic()
+            victims = policy.choose_victims(need, views, budget, now=now,
                                             max_loaded=self.config.max_loaded, reserved=reserved)
             if victims is not None:
                 if victims:
                     chosen = [self.runners[v.name] for v in victims]
+                    self.batches.displaced(entry.name, [v.name for v in victims])
                     if policy.fits_alongside(need, views, budget, reserved):
                         # Only the count limit asks for room: the old engine exits while the
                         # new one loads (a swap saves the 15-25 ms an engine takes to stop).
@@ -360,11 +462,32 @@ class Scheduler:
                         await self._evict(chosen, reason="room")
                 return
             left = deadline - time.monotonic()
-            if left <= 0:
-                raise ModelTooLarge(
+            if left <= 0:  # it fits once they finish: busy, not too large
+                raise ModelBusy(
                     f"model {entry.name!r} cannot be loaded now: busy models hold the memory "
-                    f"({policy.refusal_message(need, budget)}); retry later")
+                    f"({policy.refusal_message(need, budget)}); retry later", retry_after=2)
+            self._gate_blockers(entry, need, views, budget, reserved, asked, now)
             await self._wait_changed(min(left, 1.0))  # a release or an unload may make room
+
+    def _view(self, runner: Runner) -> policy.Loaded:
+        """The runner for the policy; requests that waited for its load and have not taken
+        it yet count as using it (a model just loaded for them is not evicted under them)."""
+        view = runner.view()
+        waiting = self._load_waiters.get(runner.name, 0)
+        return dataclasses.replace(view, in_use=view.in_use + waiting) if waiting else view
+
+    def _gate_blockers(self, entry: ModelEntry, need: dict[str, int],
+                       views: list[policy.Loaded], budget: dict[str, int],
+                       reserved: dict[str, int], asked: float, now: float) -> None:
+        """The busy models `entry` waits on take no more than one batch ahead of it."""
+        self.batches.prune(lambda r: self.runners.get(r.name) is r)
+        blocking = policy.blockers(need, views, budget, max_loaded=self.config.max_loaded,
+                                   reserved=reserved, now=now)
+        for v in blocking:
+            runner = self.runners.get(v.name)
+            if runner is not None:
+                self.batches.contend(runner, entry.name, asked, self.config.swap_batch,
+                                     self.config.min_resident)
 
     async def _evict(self, runners: list[Runner], *, reason: str) -> None:
         for r in runners:
@@ -413,6 +536,7 @@ class Scheduler:
         t = self.config.timeouts
         draining = ModelState.DRAINING if runner.worker.inflight else ModelState.STOPPING
         self._move(runner, (ModelState.READY, ModelState.LOADING), draining, reason=reason)
+        await self.cache.save(runner, self.config)  # bounded: min(save_timeout, timeouts.stop)
         await runner.worker.stop(drain=t.drain, kill_after=t.stop,
                                  on_drained=lambda: self._move(
                                      runner, ModelState.DRAINING, ModelState.STOPPING))
@@ -533,6 +657,7 @@ class Scheduler:
                             error=str(t.exception()))
 
         task.add_done_callback(done)
+        self._spawn(self._watch_load(name, task))
         log.info("worker.restarting", model=name, why=why)
         self.events.publish("model.restarting", model=name, why=why)
         return task
