@@ -21,6 +21,7 @@ from .config import Config
 from .dispatch import Dispatcher
 from .events import EventBus
 from .scheduler.accounting import Accountant
+from .scheduler.cache import CacheKeeper
 from .scheduler.scheduler import Scheduler
 from .scheduler.supervision import Prober
 from .workers.backends import find_llama_server
@@ -71,7 +72,8 @@ async def scheduler_context(app: web.Application) -> AsyncIterator[None]:
     registry = WorkerRegistry(config.expand(config.state_dir) / "workers.json")
     new_worker = WorkerFactory(session, registry, llama_server=llama_server)
     scheduler = Scheduler(config, catalog, new_worker, accountant,
-                          metrics=app.get(keys.METRICS), events=app.get(keys.EVENTS))
+                          metrics=app.get(keys.METRICS), events=app.get(keys.EVENTS),
+                          cache=CacheKeeper(session, llama_server=llama_server))
     app[keys.CATALOG], app[keys.SCHEDULER] = catalog, scheduler
     app[keys.DISPATCHER] = Dispatcher(scheduler, session, app[keys.HTTP_FRESH],
                                       idle_timeout=config.timeouts.request_idle)

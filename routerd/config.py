@@ -193,6 +193,22 @@ class TimeoutsConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    """Prompt caches kept across swaps (routerd/scheduler/cache.py)."""
+
+    enabled: bool = True
+    disk_budget: int = 4 * 1024**3  # all models' saved slots together; LRU files go first
+    save_timeout: float = 5.0  # the saves before a stop, together (and never past timeouts.stop)
+    restore_timeout: float = 10.0  # the restores after a load, together
+
+
+@dataclass(frozen=True)
+class CpuConfig:
+    threads: int = 0  # the CPU budget shared by loaded workers; 0 = physical cores
+    gpu_threads: int = 1  # what a fully GPU-offloaded worker books
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     model: str
@@ -208,6 +224,7 @@ class ModelConfig:
     options: Mapping[str, Any] = field(default_factory=dict)
     system: str | None = None
     embeddings: bool = True
+    keep_cache: bool = True  # save its prompt cache (llama-server slots) across swaps
     gpus: tuple[int, ...] | None = None  # `gpu: N` or `gpus: [..]` pins; None = any GPU
 
 
@@ -237,6 +254,8 @@ class Config:
     abort_unwanted_loads: bool = False  # cancel a load once no request waits for it
     max_body: int = 8 * 1024**2
     memory: MemoryConfig = MemoryConfig()
+    cache: CacheConfig = CacheConfig()
+    cpu: CpuConfig = CpuConfig()
     engines: EnginesConfig = EnginesConfig()
     auth: AuthConfig = AuthConfig()
     tls: TlsConfig = TlsConfig()
@@ -337,6 +356,7 @@ def _parse_model(name: str, data: Any, file: str | None) -> ModelConfig:
             options=dict(r.get("options", dict, {})),
             system=r.get("system", str, None),
             embeddings=r.get("embeddings", bool, ModelConfig.embeddings),
+            keep_cache=r.get("keep_cache", bool, ModelConfig.keep_cache),
             gpus=pinned,
         )
     except ConfigError as e:
@@ -457,6 +477,8 @@ def parse_config(data: Mapping[str, Any] | None, file: str | None = None) -> Con
             registries=RegistriesConfig(allow, rr.get("insecure", bool, False)),
             discovery=DiscoveryConfig(**{k: dr.get(k, bool, True) for k in dr.data}),
             timeouts=timeouts,
+            cache=_parse_cache(r.get("cache", dict, {})),
+            cpu=_parse_cpu(r.get("cpu", dict, {})),
             model_dirs=r.strings("model_dirs", ()),
             allowed_hosts=r.strings("allowed_hosts", ()),
             cors_origins=r.strings("cors_origins", DEFAULT_CORS),
@@ -468,6 +490,24 @@ def parse_config(data: Mapping[str, Any] | None, file: str | None = None) -> Con
         if e.file is None and file is not None:
             raise ConfigError(e.key, e.reason, file) from None
         raise
+
+
+def _parse_cache(data: Mapping[str, Any]) -> CacheConfig:
+    r = _Reader(data, "cache.", set(CacheConfig.__dataclass_fields__))
+    d = CacheConfig()
+    return CacheConfig(
+        enabled=r.get("enabled", bool, d.enabled),
+        disk_budget=parse_size(data.get("disk_budget", d.disk_budget), "cache.disk_budget"),
+        save_timeout=parse_duration(data.get("save_timeout", d.save_timeout),
+                                    "cache.save_timeout"),
+        restore_timeout=parse_duration(data.get("restore_timeout", d.restore_timeout),
+                                       "cache.restore_timeout"))
+
+
+def _parse_cpu(data: Mapping[str, Any]) -> CpuConfig:
+    r = _Reader(data, "cpu.", set(CpuConfig.__dataclass_fields__))
+    return CpuConfig(threads=r.positive_int("threads", CpuConfig.threads, 0),
+                     gpu_threads=r.positive_int("gpu_threads", CpuConfig.gpu_threads))
 
 
 def _check_names(models: Mapping[str, ModelConfig]) -> None:

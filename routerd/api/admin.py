@@ -77,6 +77,7 @@ async def ps(request: web.Request) -> web.Response:
     scheduler = request.app[keys.SCHEDULER]
     models = []
     over = scheduler.acct.over_booking()
+    cached = scheduler.cache.cached_bytes(scheduler.config)  # saved prompt caches (issue 14)
     for r in scheduler.snapshot():
         if not model_visible(request, r.name):
             continue
@@ -93,8 +94,11 @@ async def ps(request: web.Request) -> web.Response:
                         "measured": r.measured, "booked": r.booked, "in_use": r.in_use,
                         "inflight": r.inflight, "parallel": r.parallel,
                         "load_seconds": round(r.load_seconds, 3),
+                        "load_progress": scheduler.load_progress(r.name),
                         "gpu": _gpu_placement(r.entry.launch.placement),
-                        "vram_over_booking": over.get(r.name)}})
+                        "vram_over_booking": over.get(r.name),
+                        "threads": r.entry.launch.threads,
+                        "prompt_cache_bytes": cached.get(r.name, 0)}})
     failed = [{"name": n, "reason": scheduler.failed_reason(n)}
               for n in request.app[keys.CATALOG].names() if scheduler.failed_reason(n)]
     budget = scheduler.acct.budget()
@@ -102,7 +106,8 @@ async def ps(request: web.Request) -> web.Response:
                               "routerd": {"budget": budget, "failed": failed,
                                           "queue": scheduler.waiting,
                                           "gpus": scheduler.acct.gpus(),
-                                          "vram_over_booking": over}})
+                                          "vram_over_booking": over,
+                                          "prompt_cache_bytes": cached}})
 
 
 def _gpu_placement(p: Any) -> dict[str, Any] | None:

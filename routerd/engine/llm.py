@@ -120,6 +120,8 @@ def load_llama(opts: EngineOptions) -> EngineLlama:
     }
     if opts.threads:
         kwargs["n_threads"] = opts.threads
+    if opts.threads_batch or opts.threads:
+        kwargs["n_threads_batch"] = opts.threads_batch or opts.threads
     if opts.tensor_split:
         kwargs["tensor_split"] = list(opts.tensor_split)
         kwargs["main_gpu"] = opts.main_gpu

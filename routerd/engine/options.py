@@ -31,6 +31,7 @@ class EngineOptions:
     embeddings: bool = False
     pooling: str = "mean"
     threads: int | None = None
+    threads_batch: int | None = None
     batch_size: int = 512
     flash_attn: bool = False
     lifeline_fd: int | None = None
@@ -59,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", action="store_true", help="serve /v1/embeddings")
     p.add_argument("--pooling", choices=POOLING, default="mean")
     p.add_argument("--threads", "-t", type=int, default=None)
+    p.add_argument("--threads-batch", "-tb", type=int, default=None,
+                   help="threads for prompt processing (default: as --threads)")
     p.add_argument("--batch-size", "-b", type=int, default=512)
     p.add_argument("--flash-attn", "-fa", action="store_true")
     p.add_argument("--lifeline-fd", type=int, default=None,
@@ -82,7 +85,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[EngineOptions, list[s
         parallel=ns.parallel, n_gpu_layers=ns.n_gpu_layers, tensor_split=split,
         main_gpu=ns.main_gpu, alias=ns.alias,
         api_key=ns.api_key or os.environ.get("ROUTERD_WORKER_API_KEY") or None, embeddings=ns.embeddings, pooling=ns.pooling,
-        threads=ns.threads, batch_size=ns.batch_size, flash_attn=ns.flash_attn,
+        threads=ns.threads, threads_batch=ns.threads_batch, batch_size=ns.batch_size,
+        flash_attn=ns.flash_attn,
         lifeline_fd=ns.lifeline_fd,
     )
     return opts, list(unknown)

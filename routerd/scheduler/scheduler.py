@@ -27,6 +27,8 @@ from ..workers.process import Worker, WorkerLoadError
 from ..workers.state import WorkerState
 from . import policy, progress
 from .accounting import Accountant
+from .cache import CacheKeeper
+from .cpu import launch as cpu_launch
 from .batching import Batches, Gate
 from .lifecycle import ModelState, RunnerSnapshot
 from .runner import Runner
@@ -45,8 +47,10 @@ class Scheduler:
     def __init__(self, config: Config, catalog: Catalog, worker_factory: WorkerFactory,
                  accountant: Accountant, *, metrics: Metrics | None = None,
                  events: EventSink | None = None,
-                 failures: FailureTracker | None = None) -> None:
+                 failures: FailureTracker | None = None,
+                 cache: CacheKeeper | None = None) -> None:
         self.config, self.catalog, self._new_worker = config, catalog, worker_factory
+        self.cache = cache or CacheKeeper(None, llama_server=None)  # prompt caches (cache.py)
         self.acct = accountant
         self.metrics: Metrics = metrics if metrics is not None else NullMetrics()
         self.events: EventSink = events if events is not None else NullEvents()
@@ -388,6 +392,8 @@ class Scheduler:
     async def _start(self, entry: ModelEntry, need: dict[str, int],
                      estimate: dict[str, int]) -> Runner:
         entry = self.acct.launch(entry)  # with its GPU placement (-ngl, devices, split)
+        entry = cpu_launch(entry, [r.entry.launch for r in self.runners.values()], self.config)
+        entry = self.cache.launch(entry, self.config)  # --slot-save-path (cache.py)
         worker = self._new_worker(entry, self.worker_exited)
         keep = entry.keep_alive if entry.keep_alive is not None else self.config.keep_alive
         runner = Runner(entry=entry, worker=worker, need=dict(need), estimate=dict(estimate),
@@ -398,6 +404,7 @@ class Scheduler:
                             booked=runner.need)
         try:
             await worker.start(self.config.timeouts.load)
+            await self.cache.restore(runner, self.config)  # saved slots, before any request
         except BaseException as e:
             if self.runners.get(entry.name) is runner:
                 del self.runners[entry.name]
@@ -529,6 +536,7 @@ class Scheduler:
         t = self.config.timeouts
         draining = ModelState.DRAINING if runner.worker.inflight else ModelState.STOPPING
         self._move(runner, (ModelState.READY, ModelState.LOADING), draining, reason=reason)
+        await self.cache.save(runner, self.config)  # bounded: min(save_timeout, timeouts.stop)
         await runner.worker.stop(drain=t.drain, kill_after=t.stop,
                                  on_drained=lambda: self._move(
                                      runner, ModelState.DRAINING, ModelState.STOPPING))

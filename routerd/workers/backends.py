@@ -56,6 +56,11 @@ class LaunchSpec:
     # Set by the scheduler for the load it starts (not part of the model's identity):
     # None = routerd manages no GPU, the engine's own default applies.
     placement: GpuAssignment | None = None
+    # Also set per load: where llama-server saves and restores its slots (the prompt cache
+    # kept across swaps, scheduler/cache.py), and the CPU threads booked for it
+    # (scheduler/cpu.py). None = not managed.
+    slot_save_path: str | None = None
+    threads: int | None = None
 
     def identity(self) -> tuple:
         """What, if changed, means the worker must be restarted (config reload)."""
@@ -132,7 +137,8 @@ def build_argv(spec: LaunchSpec, *, host: str, port: int, api_key: str,
         argv = [sys.executable, "-m", "routerd.engine", "--model", spec.path,
                 "--host", host, "--port", str(port), "--ctx-size", str(spec.ctx_size),
                 "--parallel", str(spec.parallel), "--alias", spec.model,
-                "--n-gpu-layers", _ngl(spec, "-1"), *_split_flags(spec)]
+                "--n-gpu-layers", _ngl(spec, "-1"), *_split_flags(spec),
+                *_thread_flags(spec, batch=True)]
         if spec.embeddings:
             argv.append("--embeddings")
         return Argv([*argv, *spec.args], env={**_gpu_env(spec), ENGINE_KEY_ENV: api_key},
@@ -168,11 +174,46 @@ def _server_flags(spec: LaunchSpec, host: str, port: int, *,
     elif spec.placement is not None or spec.gpu_layers is not None:
         flags += ["-ngl", _ngl(spec, "999")]
     flags += _split_flags(spec)
+    flags += _thread_flags(spec, batch=modern)
+    if modern and spec.slot_save_path:
+        flags += ["--slot-save-path", spec.slot_save_path]
     if spec.embeddings:
         flags += ["--embedding", "--pooling", "mean"]
     if spec.projector:
         flags += ["--mmproj", spec.projector]
     return [*flags, *spec.args]
+
+
+THREAD_FLAGS = ("-t", "--threads")
+THREAD_BATCH_FLAGS = ("-tb", "--threads-batch")
+
+
+def explicit_threads(args: Sequence[str]) -> int | None:
+    """The thread count a model's own `args` set (`-t N`, `--threads N`, `--threads=N`):
+    that wins over routerd's CPU budget. None when they set none (or not a number)."""
+    for i, a in enumerate(args):
+        value = None
+        if a in THREAD_FLAGS and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith("--threads="):
+            value = a.split("=", 1)[1]
+        if value is not None:
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _thread_flags(spec: LaunchSpec, *, batch: bool) -> list[str]:
+    """-t (and -tb) from the CPU budget, unless the model's args set their own."""
+    if spec.threads is None or explicit_threads(spec.args) is not None:
+        return []
+    flags = ["--threads", str(spec.threads)]
+    if batch and not any(a in THREAD_BATCH_FLAGS or a.startswith("--threads-batch=")
+                         for a in spec.args):
+        flags += ["--threads-batch", str(spec.threads)]
+    return flags
 
 
 def _ngl(spec: LaunchSpec, all_layers: str) -> str:
