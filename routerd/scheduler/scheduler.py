@@ -27,9 +27,9 @@ from ..workers.process import Worker, WorkerLoadError
 from ..workers.state import WorkerState
 from . import policy, progress
 from .accounting import Accountant
+from .batching import Batches, Gate
 from .cache import CacheKeeper
 from .cpu import launch as cpu_launch
-from .batching import Batches, Gate
 from .lifecycle import ModelState, RunnerSnapshot
 from .runner import Runner
 from .supervision import FailureTracker
