@@ -10,19 +10,19 @@ A handler translates its request to a chat body (api/translate/), then:
 A forced tool choice (`tools.forced_choice`) is decoded under the tools' JSON schema and the
 answer rebuilt as a tool call (non-streamed from the engine; a stream replays it whole).
 
-Streams: while the lease waits (a queue, a cold load) nothing is sent for `PING_AFTER`
-seconds, so an early failure (unknown model, full queue) is still a plain HTTP error; after
-that the stream starts and the converter's keep-alive (Anthropic's `ping`) goes out every
-`PING_EVERY` seconds until the engine answers. Once started, an engine failure goes in-band in
-the converter's dialect and the stream ends cleanly.
+Streams: while the lease waits (a queue, a cold load) the one keep-alive mechanism of
+api/streaming.py (`open_call`) runs: nothing for `PING_AFTER` seconds, so an early failure
+(unknown model, full queue) is still a plain HTTP error; after that the stream starts and a
+`: loading NN%` comment, with the converter's own keep-alive event where it has one
+(Anthropic's `ping`), goes out every `PING_EVERY` seconds until the engine answers. Once
+started, an engine failure goes in-band in the converter's dialect and the stream ends
+cleanly.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from aiohttp import web
 
@@ -30,6 +30,7 @@ from .. import keys
 from ..dispatch import Call, StreamBroken
 from ..errors import BadRequest, RouterdError, UpstreamError
 from .common import engine_call, keep_alive_field
+from .streaming import loading_comment, open_call
 from .translate import tools
 from .translate.sse import DONE, SSEDecoder, encode_sse, error_event_openai
 
@@ -37,8 +38,6 @@ _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 CHAT_PATH = "/v1/chat/completions"
 COUNT_PATH = "/v1/chat/completions/input_tokens"  # llama-server's; routerd's worker lacks it
-PING_AFTER = 1.0
-PING_EVERY = 5.0
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 
@@ -133,18 +132,16 @@ async def chat_stream(request: web.Request, name: str, chat: dict[str, Any],
         body["stream_options"] = {"include_usage": True}
     ctx = _call(request, name, CHAT_PATH, body, entry, keep_alive)
     resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
-    enter = asyncio.ensure_future(ctx.__aenter__())
-    entered = False
     try:
-        try:
-            call = await _wait_with_pings(request, resp, enter, converter)
-            entered = True
-        except RouterdError as e:
-            if not resp.prepared:
-                raise
-            await resp.write(converter.error(e.message))
-            await resp.write_eof()
-            return resp
+        call = await open_call(request, resp, ctx, start=converter.start,
+                               ping=_keepalive(converter))
+    except RouterdError as e:
+        if not resp.prepared:
+            raise
+        await resp.write(converter.error(e.message))
+        await resp.write_eof()
+        return resp
+    try:
         if not resp.prepared:
             await resp.prepare(request)
             await resp.write(converter.start())
@@ -160,28 +157,15 @@ async def chat_stream(request: web.Request, name: str, chat: dict[str, Any],
         await resp.write_eof()
         return resp
     finally:
-        if entered:
-            await ctx.__aexit__(None, None, None)
-        elif not enter.done():
-            enter.cancel()
-            with contextlib.suppress(BaseException):
-                await enter
-            if not enter.cancelled() and enter.exception() is None:
-                await ctx.__aexit__(None, None, None)
+        await ctx.__aexit__(None, None, None)
 
 
-async def _wait_with_pings(request: web.Request, resp: web.StreamResponse,
-                           enter: asyncio.Future[Call], converter: Converter) -> Call:
-    timeout = PING_AFTER
-    while True:
-        done, _ = await asyncio.wait({enter}, timeout=timeout)
-        if done:
-            return enter.result()
-        if not resp.prepared:
-            await resp.prepare(request)
-            await resp.write(converter.start())
-        await resp.write(converter.ping())
-        timeout = PING_EVERY
+def _keepalive(converter: Converter) -> Callable[[float | None], bytes]:
+    """The `: loading NN%` comment, then the dialect's own keep-alive event unless that is a
+    comment too (Anthropic: `event: ping`)."""
+    own = converter.ping()
+    extra = b"" if own.startswith(b":") else own
+    return lambda progress: loading_comment(progress) + extra
 
 
 async def _relay(request: web.Request, resp: web.StreamResponse, call: Call,

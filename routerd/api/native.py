@@ -12,7 +12,7 @@ from .. import keys
 from ..bodies import parse_object
 from .common import add_route, engine_call, keep_alive_field, model_field, note_request, jresp
 from .security import upstream_path
-from .streaming import ended_well, relay_body, relay_sse
+from .streaming import ended_well, relay_body, relay_sse, stream_sse
 from .translate import sse as sse_codec
 
 
@@ -27,10 +27,11 @@ async def _native(request: web.Request, path: str) -> web.StreamResponse:
     note_request(request, name)
     stream = body.get("stream", False) is True
     method = request.method if request.method in ("GET", "POST") else "POST"
-    async with engine_call(request, name, path, body=raw or None, method=method,
-                           keep_alive=keep_alive_field(body), stream=stream) as call:
-        if stream:
-            return await relay_sse(request, call)
+    call = engine_call(request, name, path, body=raw or None, method=method,
+                       keep_alive=keep_alive_field(body), stream=stream)
+    if stream:  # keep-alive comments while the lease waits (a cold load)
+        return await stream_sse(request, call)
+    async with call:
         return await relay_body(call)
 
 

@@ -14,7 +14,7 @@ from ..scheduler.accounting import read_info
 from . import capabilities, chatbridge
 from .security import model_visible
 from .common import add_route, engine_call, keep_alive_field, model_field, note_request, jresp
-from .streaming import relay_body, relay_sse
+from .streaming import relay_body, stream_sse
 
 
 async def _proxy(request: web.Request, path: str, raw: bytes | None = None,
@@ -25,10 +25,11 @@ async def _proxy(request: web.Request, path: str, raw: bytes | None = None,
     name = model_field(body)
     note_request(request, name)
     stream = stream_flag(body, default=False)
-    async with engine_call(request, name, path, body=raw, stream=stream,
-                           keep_alive=keep_alive_field(body)) as call:
-        if stream:
-            return await relay_sse(request, call)
+    call = engine_call(request, name, path, body=raw, stream=stream,
+                       keep_alive=keep_alive_field(body))
+    if stream:  # keep-alive comments while the lease waits (a cold load)
+        return await stream_sse(request, call)
+    async with call:
         return await relay_body(call)
 
 

@@ -22,7 +22,7 @@ _PHASES: tuple[tuple[re.Pattern[str], float], ...] = tuple(
         (r"threadpool init|sched_reserve", 0.7),
         (r"warming up the model", 0.75),
         (r"load_model: initializing|srv +init:", 0.9),
-        (r"model loaded|all slots are idle|listening on", 0.99),
+        (r"model loaded|all slots are idle", 0.99),
     ))
 _DOTS = re.compile(r"^\.{2,}\s*$")
 TIMED_CAP = 0.95  # elapsed time alone never says a load is done
