@@ -95,7 +95,6 @@ async def ps(request: web.Request) -> web.Response:
                         "inflight": r.inflight, "parallel": r.parallel,
                         "load_seconds": round(r.load_seconds, 3),
                         "load_progress": scheduler.load_progress(r.name),
-                        "load_progress": scheduler.load_progress(r.name),
                         "gpu": _gpu_placement(r.entry.launch.placement),
                         "vram_over_booking": over.get(r.name),
                         "threads": r.entry.launch.threads,
