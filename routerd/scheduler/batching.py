@@ -12,7 +12,8 @@ like any others. So alternating clients cost one swap per batch, and W waits for
 the requests ahead of it plus one bounded batch.
 
 `min_resident`: a model whose load evicted W less than `min_resident` ago is not cut off for
-W while it has requests (its gate stays open until then); idle, it may go at once.
+W while it has requests (its gate stays open until then), nor evicted for W in the moment
+between two requests (scheduler._view: idle for RESIDENT_GRACE_S, it may go).
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ class Batches:
         if len(self._displaced) > 1024:  # names come and go: keep the newest
             for key in sorted(self._displaced, key=self._displaced.__getitem__)[:512]:
                 del self._displaced[key]
+
+    def protects(self, name: str, contender: str, now: float, min_resident: float) -> bool:
+        """Whether `name`'s load evicted `contender` less than `min_resident` ago."""
+        evicted_at = self._displaced.get((name, contender))
+        return evicted_at is not None and now < evicted_at + min_resident
 
     def contend(self, runner: Any, contender: str, since: float, batch: SwapBatch,
                 min_resident: float) -> Gate:

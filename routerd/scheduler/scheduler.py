@@ -36,6 +36,7 @@ from .supervision import FailureTracker
 
 log = structlog.get_logger(__name__)
 LOAD_TICK_S = 1.0  # a load's progress event every so often
+RESIDENT_GRACE_S = 1.0  # idle this long, a model within min_resident may go (see _view)
 
 # Builds the worker for an entry; the scheduler passes the exit hook it wants called.
 WorkerFactory = Callable[[ModelEntry, Callable[[Worker], None]], Worker]
@@ -445,9 +446,9 @@ class Scheduler:
         while True:
             asked = self._asked.get(entry.name, deadline - self.config.timeouts.load)
             others = [r for r in self.runners.values() if r.name != entry.name]
-            views = [self._view(r) for r in others]
-            reserved = self._stopping_need()
             now = time.monotonic()
+            views = [self._view(r, entry.name, now) for r in others]
+            reserved = self._stopping_need()
             victims = policy.choose_victims(need, views, budget, now=now,
                                             max_loaded=self.config.max_loaded, reserved=reserved)
             if victims is not None:
@@ -469,11 +470,18 @@ class Scheduler:
             self._gate_blockers(entry, need, views, budget, reserved, asked, now)
             await self._wait_changed(min(left, 1.0))  # a release or an unload may make room
 
-    def _view(self, runner: Runner) -> policy.Loaded:
-        """The runner for the policy; requests that waited for its load and have not taken
-        it yet count as using it (a model just loaded for them is not evicted under them)."""
+    def _view(self, runner: Runner, contender: str, now: float) -> policy.Loaded:
+        """The runner for the policy, as `contender`'s load sees it. Requests that waited for
+        its load and have not taken it yet count as using it (a model just loaded for them is
+        not evicted under them); so does a model that displaced `contender` less than
+        min_resident ago and served a request within RESIDENT_GRACE_S: closed-loop clients
+        leave it idle for a moment between two requests, which is no reason to swap back."""
         view = runner.view()
         waiting = self._load_waiters.get(runner.name, 0)
+        if (not waiting and not view.in_use and now - view.last_used < RESIDENT_GRACE_S
+                and self.batches.protects(runner.name, contender, now,
+                                          self.config.min_resident)):
+            waiting = 1
         return dataclasses.replace(view, in_use=view.in_use + waiting) if waiting else view
 
     def _gate_blockers(self, entry: ModelEntry, need: dict[str, int],
