@@ -1,5 +1,5 @@
 """The "cache" scenario: time to first token of a conversation returning to its model after
-a swap. Two names for the real model, room for one: a ~2,000-token conversation on smol-a,
+a swap. Two names for the real model, room for one: a ~2,700-token conversation on smol-a,
 one request on smol-b (smol-a is evicted), then the next turn on smol-a, timed (its load,
 the restore, the prompt, the first token). Peers: routerd keeping prompt caches (the default),
 routerd with `keep_cache: false`, and llama-server's router mode (`--models-max 1`), which
@@ -22,8 +22,8 @@ from .client import TIMEOUT
 from .quiet import GATE
 from .results import Row, median
 
-CTX, NOTES = 4096, 135  # about 2,000 tokens of history
-SCENARIO = "cache: returning conversation after a swap, TTFT (2,000-token history)"
+CTX, NOTES = 4096, 135  # 2,710 tokens of history (the first turn's prompt_n)
+SCENARIO = "cache: returning conversation after a swap, TTFT (2,700-token history)"
 CACHED, NO_CACHE, ROUTER = "routerd (prompt cache)", "routerd keep_cache: false", "router-mode"
 
 
