@@ -136,6 +136,7 @@ def test_worker_killed_during_save(swap: Daemon) -> None:
     d = slot_files(state(swap), "a")
     whole = [p for p in d if p.name == "slot-0.bin"]
     log = swap.log_path.read_text()
+    print("save finished before the kill" if whole else "killed mid-save")  # -s shows which
     if whole:  # the save won the race: then the file is whole (it matches its record)
         assert CacheKeeper._check(whole[0].parent, 0) is None
     else:
@@ -145,3 +146,30 @@ def test_worker_killed_during_save(swap: Daemon) -> None:
     if not whole:
         assert answer["timings"]["cache_n"] == 0
     assert not [p for p in slot_files(state(swap), "a") if p.name.endswith(".tmp")]
+
+
+def other_history(items: int) -> list[dict[str, str]]:
+    text = " ".join(f"Item {i}: a red box on shelf {i % 5} holds {i * 3} apples."
+                    for i in range(items))
+    return [{"role": "user", "content": text + "\nHow many apples in all?"}]
+
+
+def test_two_conversations_return_to_their_own_slots(tmp_path: Path, model_path: Path) -> None:
+    """parallel 2: both slots saved and restored into their ids; llama-server's prompt
+    similarity (default 0.10) sends each returning conversation to its own."""
+    spec = {"model": str(model_path), "ctx_size": 4096, "parallel": 2, "embeddings": False}
+    d = Daemon({"max_loaded": 1, "keep_alive": "10m",
+                "models": {"p": spec, "b": {**spec, "parallel": 1}}}, tmp_path)
+    try:
+        x, y = history(30), other_history(30)
+        fx, fy = chat(d, "p", x), chat(d, "p", y)
+        saved = count(d, "cache.saved")
+        chat(d, "b", history(3))
+        wait_for(lambda: count(d, "cache.saved") >= saved + 2)
+        assert {p.name for p in slot_files(state(d), "p")} >= {"slot-0.bin", "slot-1.bin"}
+        ay = chat(d, "p", next_turn(y, fy))  # Y first: it must not take X's slot
+        ax = chat(d, "p", next_turn(x, fx))
+        assert ay["timings"]["cache_n"] >= fy["timings"]["prompt_n"]
+        assert ax["timings"]["cache_n"] >= fx["timings"]["prompt_n"]
+    finally:
+        d.stop()
