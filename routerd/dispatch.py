@@ -103,7 +103,7 @@ class Dispatcher(Generic[T]):
         (and the engine is killed). Silence alone is never a hang here."""
         task: asyncio.Future[aiohttp.ClientResponse] = asyncio.ensure_future(sent)
         every = max(0.05, min(self.idle_timeout / 4, 5.0))
-        last = await target.activity(self.pooled, every)
+        last: bytes | None = None  # no reading until the answer is late: none per request
         still_since = time.monotonic()
         try:
             while True:
