@@ -18,12 +18,12 @@ from .results import Row
 from .run import Run
 
 SCENARIOS = ("converters", "warm", "stream", "concurrency", "swap", "cold", "capacity",
-             "footprint", "alternation")
+             "footprint", "cache", "alternation")
 
 
 QUICK = {"warm_rounds": 5, "stream_rounds": 2, "stream_tokens": 32, "conc_rounds": 1,
          "conc_tokens": 8, "clients": "16", "cold_rounds": 2, "swap_rounds": 2,
-         "cap_rounds": 1, "cap_seconds": 1.0, "streams": 50, "alt_rounds": 1,
+         "cap_rounds": 1, "cap_seconds": 1.0, "streams": 50, "cache_rounds": 1, "alt_rounds": 1,
          "alt_seconds": 4.0}
 
 
@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alt-rounds", type=int, default=3)
     p.add_argument("--alt-seconds", type=float, default=20.0)
     p.add_argument("--cap-rounds", type=int, default=4)
+    p.add_argument("--cache-rounds", type=int, default=3)
     p.add_argument("--cap-seconds", type=float, default=3.0)
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--streams", type=int, default=500)
@@ -241,6 +242,11 @@ def _main(argv: list[str] | None) -> int:
                 run.want("swap") or run.want("cold") or run.want("footprint"):
             asyncio.run(real_scenarios(run))
         asyncio.run(fake_scenarios(run))
+        if run.want("cache"):
+            from .prompt_cache import cache
+
+            run.load.note("cache")
+            run.add(asyncio.run(cache(work, args.model, args.cache_rounds)))
         if run.want("alternation"):
             run.load.note("alternation")
             run.add(asyncio.run(alternation.alternation(work, args.alt_rounds,
