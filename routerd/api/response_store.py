@@ -116,18 +116,25 @@ class ResponseStore:
         if len(raw) > self.max_bytes:
             log.warning("responses.too_large", id=rid, size=len(raw))
             return
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp", dir=self.root)
+        try:  # bookkeeping fails softly: the answer is never lost to a full or broken disk
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp", dir=self.root)
+        except OSError as e:
+            log.warning("responses.store_failed", id=rid, error=str(e))
+            return
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(raw)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self._path(rid))
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise
+            if not isinstance(e, OSError):
+                raise
+            log.warning("responses.store_failed", id=rid, error=str(e))
+            return
         if rid in self._index:
             self._bytes -= self._index.pop(rid).size
         self._index[rid] = _Entry(len(raw), self._clock())

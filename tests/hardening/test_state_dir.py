@@ -91,8 +91,6 @@ def test_book_keeps_figures_when_it_cannot_save(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("**/.memory-*"))  # no temporary left behind
 
 
-@pytest.mark.xfail(strict=True, reason="api/response_store.py ResponseStore.put re-raises the "
-                   "OSError (not this test's owner's file): the answer is lost as a 500")
 async def test_unwritable_state_dir_keeps_responses_answers(daemons: Callable[..., Daemon],
                                                             http: aiohttp.ClientSession,
                                                             tmp_path: Path) -> None:
