@@ -58,7 +58,7 @@ class TestChatOpenAI(_Routerd):
     @property
     def chat_model_params(self) -> dict[str, Any]:
         return {"model": MODEL, "base_url": _URL["base"] + "/v1", "api_key": "unused",
-                "max_retries": 0, "stream_usage": True, "timeout": 300}
+                "max_retries": 0, "stream_usage": True, "timeout": 300, "temperature": 0}
 
 
 class TestChatOpenAIResponses(TestChatOpenAI):
