@@ -116,12 +116,14 @@ def host_view(acct: Any, engines: dict[str, str]) -> dict[str, Any]:
 def overview(scheduler: Any, catalog: Any, acct: Any, engines: dict[str, str],
              expected_load: dict[str, float], default_keep_alive: float) -> dict[str, Any]:
     models = []
+    cached = scheduler.cache.cached_bytes(scheduler.config)  # saved prompt caches (issue 14)
     for snap in scheduler.snapshot():
         runner = scheduler.runners.get(snap.name)
         if runner is not None and runner.state.value is not snap.state:
             runner = None  # a runner still stopping while its successor loads
-        models.append(model_view(snap, runner, expected_load.get(snap.name),
-                                 default_keep_alive))
+        view = model_view(snap, runner, expected_load.get(snap.name), default_keep_alive)
+        view["prompt_cache_bytes"] = cached.get(snap.name, 0)
+        models.append(view)
     names = {m["name"] for m in models}
     failed = []
     for n in catalog.names():

@@ -164,7 +164,10 @@ function renderModels(o, app) {
       h("dt", { text: "keep-alive" }), h("dd", {}, keep),
       h("dt", { text: "backend" }), h("dd", { text: m.backend || "–" }),
       h("dt", { text: "pid" }), h("dd", { text: m.pid ? String(m.pid) : "–" }),
-      h("dt", { text: "memory" }), h("dd", { text: memText(m) }));
+      h("dt", { text: "memory" }), h("dd", { text: memText(m) }),
+      h("dt", { text: "prompt cache" }), h("dd", { dataset: { cache: m.name },
+        text: m.prompt_cache_bytes ? `${(m.prompt_cache_bytes / 1048576).toFixed(1)} MiB saved`
+          : "–" }));
     card.append(dl);
     const lf = (o.last_failure || {})[m.name];
     if (lf && Date.now() / 1000 - lf.time < 600) {
