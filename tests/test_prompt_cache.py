@@ -19,8 +19,9 @@ import pytest
 from routerd.scheduler.cache import CacheKeeper
 from tests.conftest import LLAMA_SERVER, Daemon
 
-pytestmark = [pytest.mark.skipif(not LLAMA_SERVER.exists(), reason="needs llama-server"),
-              pytest.mark.timeout(900)]  # bounded; a busy shared machine is slow
+# make install builds llama-server: it is required here, never skipped
+assert LLAMA_SERVER.exists(), f"{LLAMA_SERVER} missing: run `make install`"
+pytestmark = [pytest.mark.timeout(900)]  # bounded; a busy shared machine is slow
 # About 2,000 tokens of history (135 notes); ROUTERD_TEST_CACHE_NOTES makes it shorter on a
 # machine too busy for that (the assertions scale with it).
 NOTES = int(os.environ.get("ROUTERD_TEST_CACHE_NOTES", "135"))

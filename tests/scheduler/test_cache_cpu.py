@@ -9,8 +9,9 @@ import pytest
 
 from tests.conftest import LLAMA_SERVER, Daemon
 
-pytestmark = [pytest.mark.skipif(not LLAMA_SERVER.exists(), reason="needs llama-server"),
-              pytest.mark.timeout(300)]
+# make install builds llama-server: it is required here, never skipped
+assert LLAMA_SERVER.exists(), f"{LLAMA_SERVER} missing: run `make install`"
+pytestmark = [pytest.mark.timeout(300)]
 
 
 def argv(pid: int) -> list[str]:
