@@ -37,6 +37,11 @@ system-deps:
 	  echo "[setup] installing Debian packages chromium, chromium-driver (dashboard tests)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
+# iproute2's `ip netns` gives the several-host tests (tests/netns.py) their hosts.
+	@command -v ip >/dev/null 2>&1 || { \
+	  echo "[setup] installing Debian package iproute2 (ip netns, several-host tests)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq iproute2 >/dev/null; }
 
 test: install system-deps
 	$(VENV)/bin/pytest -q
