@@ -20,6 +20,8 @@ from .metrics import route_label
 from .config import Config
 from .dispatch import Dispatcher
 from .events import EventBus
+from .peers.peers import Peers
+from .peers.router import Router
 from .scheduler.accounting import Accountant
 from .scheduler.cache import CacheKeeper
 from .scheduler.scheduler import Scheduler
@@ -75,8 +77,11 @@ async def scheduler_context(app: web.Application) -> AsyncIterator[None]:
                           metrics=app.get(keys.METRICS), events=app.get(keys.EVENTS),
                           cache=CacheKeeper(session, llama_server=llama_server))
     app[keys.CATALOG], app[keys.SCHEDULER] = catalog, scheduler
-    app[keys.DISPATCHER] = Dispatcher(scheduler, session, app[keys.HTTP_FRESH],
+    peers = app[keys.PEERS] = Peers(config.peers, session, app.get(keys.METRICS))
+    catalog.remote = peers.entry  # names no local source has
+    app[keys.DISPATCHER] = Dispatcher(Router(scheduler, peers), session, app[keys.HTTP_FRESH],
                                       idle_timeout=config.timeouts.request_idle)
+    peers.start()
     for resource, n in accountant.budget().items():
         scheduler.metrics.set_budget(resource, n)
     prober = Prober(scheduler, session, interval=config.timeouts.probe_interval,
@@ -89,6 +94,7 @@ async def scheduler_context(app: web.Application) -> AsyncIterator[None]:
     preload.cancel()
     await asyncio.gather(preload, return_exceptions=True)
     await prober.stop()
+    await peers.close()
     await scheduler.close(config.timeouts.drain)
     await catalog.close()  # a rescan still in its thread
 

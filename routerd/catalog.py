@@ -78,7 +78,7 @@ def entry_from_config(m: ModelConfig, *, store: Any, llama_server: str | None) -
         model=m.name, path=path, backend=resolve_backend(m.backend, path, llama_server),
         ctx_size=m.ctx_size, parallel=m.parallel,
         gpu_layers=None if m.gpu_layers == "auto" else int(m.gpu_layers),
-        embeddings=m.embeddings, args=m.args, command=m.command, gpus=m.gpus)
+        embeddings=m.embeddings, args=m.args, command=m.command, gpus=m.gpus, rpc=m.rpc)
     return ModelEntry(
         name=m.name, launch=launch, source="config", keep_alive=m.keep_alive,
         aliases=m.aliases, options=source_extra.get("options", m.options),
@@ -153,6 +153,8 @@ class Catalog:
         self._pending: asyncio.Task[None] | None = None  # a scan not started yet: new callers join
         self._running: asyncio.Task[None] | None = None  # the scan building now
         self._rescanned_at = float("-inf")  # monotonic time of the last unknown-name rescan
+        # Names no local source has, asked of the peers (routerd/peers/): local wins.
+        self.remote: Callable[[str], ModelEntry | None] | None = None
         self.refresh()
 
     def refresh(self, config: Config | None = None) -> None:
@@ -254,6 +256,8 @@ class Catalog:
         canonical = self._names.get(name)
         if canonical is None and ":" not in name:
             canonical = self._names.get(f"{name}:latest")
+        if canonical is None and self.remote is not None:
+            return self.remote(name)
         return self._entries.get(canonical) if canonical else None
 
     def _may_be_new(self, name: str) -> bool:

@@ -238,6 +238,26 @@ class SwapBatch:
     wait: float = 10.0
 
 
+PEER_KINDS = ("auto", "routerd", "ollama", "llama-server", "openai")
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """Another host whose models routerd serves (routerd/peers/): polled, then forwarded to."""
+
+    name: str  # also the `name/model` prefix that always reaches this peer
+    url: str  # base URL; for kind openai the API root (usually ending in /v1)
+    kind: str = "auto"  # one of PEER_KINDS; auto = detected by probing
+    api_key: str | None = None  # sent to the peer (never the client's key)
+    api_key_file: str | None = None
+    models: tuple[str, ...] = ("*",)  # globs over the peer's model names
+    prefix: str = ""  # prepended to the peer's model names in routerd's catalog
+    weight: float = 1.0  # share of the load among replicas
+    interval: float = 10.0  # poll period while up; backoff while down tops out here
+    timeout: float = 5.0  # one poll request
+    backoff: float = 0.5  # the first retry after a failure, doubling up to `interval`
+
+
 @dataclass(frozen=True)
 class Config:
     host: str = "127.0.0.1"
@@ -267,6 +287,7 @@ class Config:
     cors_origins: tuple[str, ...] = DEFAULT_CORS
     log_level: str = "info"
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
+    peers: tuple[PeerConfig, ...] = ()
     source: str | None = None  # the file it came from
 
     def expand(self, p: str) -> Path:
@@ -484,6 +505,7 @@ def parse_config(data: Mapping[str, Any] | None, file: str | None = None) -> Con
             cors_origins=r.strings("cors_origins", DEFAULT_CORS),
             log_level=r.get("log_level", str, Config.log_level),
             models=models,
+            peers=_parse_peers(r.get("peers", list, [])),
             source=file,
         )
     except ConfigError as e:
@@ -508,6 +530,40 @@ def _parse_cpu(data: Mapping[str, Any]) -> CpuConfig:
     r = _Reader(data, "cpu.", set(CpuConfig.__dataclass_fields__))
     return CpuConfig(threads=r.positive_int("threads", CpuConfig.threads, 0),
                      gpu_threads=r.positive_int("gpu_threads", CpuConfig.gpu_threads))
+
+
+def _parse_peers(items: list[Any]) -> tuple[PeerConfig, ...]:
+    peers: list[PeerConfig] = []
+    for i, item in enumerate(items):
+        r = _Reader(item, f"peers[{i}].", set(PeerConfig.__dataclass_fields__))
+        name = r.get("name", str, "")
+        if not name or "/" in name or name.strip() != name:
+            raise ConfigError(r.key("name"), f"a non-empty name without '/' or spaces is required, got {name!r}")
+        if any(p.name == name for p in peers):
+            raise ConfigError(r.key("name"), f"{name!r} is already the name of another peer")
+        url = r.get("url", str, "").rstrip("/")
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise ConfigError(r.key("url"), f"an http:// or https:// URL is required, got {url!r}")
+        kind = r.get("kind", str, PeerConfig.kind)
+        if kind not in PEER_KINDS:
+            raise ConfigError(r.key("kind"), f"must be one of {', '.join(PEER_KINDS)}, got {kind!r}")
+        key, key_file = r.get("api_key", str, None), r.get("api_key_file", str, None)
+        if key and key_file:
+            raise ConfigError(r.key("api_key_file"), "set api_key or api_key_file, not both")
+        if key_file and not os.path.isfile(os.path.expanduser(key_file)):
+            raise ConfigError(r.key("api_key_file"), f"no such file: {key_file}")
+        weight = r.get("weight", (int, float), PeerConfig.weight)
+        if weight <= 0:
+            raise ConfigError(r.key("weight"), f"must be > 0, got {weight}")
+        times = {k: parse_duration(item.get(k, getattr(PeerConfig, k)), r.key(k))
+                 for k in ("interval", "timeout", "backoff")}
+        for k, v in times.items():
+            if v <= 0:
+                raise ConfigError(r.key(k), f"must be > 0, got {item.get(k)!r}")
+        peers.append(PeerConfig(name=name, url=url, kind=kind, api_key=key, api_key_file=key_file,
+                                models=r.strings("models", PeerConfig.models),
+                                prefix=r.get("prefix", str, ""), weight=float(weight), **times))
+    return tuple(peers)
 
 
 def _check_names(models: Mapping[str, ModelConfig]) -> None:

@@ -185,6 +185,10 @@ class Call(Generic[T]):
             try:
                 self.waited = time.monotonic() - started
                 headers = dict(target.auth_headers)
+                url, body = target.base_url + self.path, self.body
+                forward = getattr(target, "forward", None)  # a peer (routerd/peers/router.py)
+                if forward is not None:
+                    url, body = forward(self.path, body)
                 if self.body is not None:
                     headers["Content-Type"] = self.content_type
                 first = b""
@@ -194,7 +198,7 @@ class Call(Generic[T]):
                 session = d.pooled if attempt == 1 else d.fresh
                 try:
                     sent = session.request(
-                        self.method, target.base_url + self.path, data=self.body,
+                        self.method, url, data=body,
                         headers=headers, params=self.query,
                         timeout=d.stream_timeout if self.stream else d.answer_timeout)
                     resp = await (sent if self.stream else d.watch(sent, target))

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .dispatch import Dispatcher
     from .events import EventBus
     from .metrics import Metrics
+    from .peers.peers import Peers
     from .scheduler.runner import Runner
     from .scheduler.scheduler import Scheduler
     from .store.store import Store
@@ -38,3 +39,5 @@ EVENTS: web.AppKey[EventBus] = web.AppKey("events")
 DISCOVERER: web.AppKey[Discovery] = web.AppKey("discoverer")
 # Ollama stores found on this machine (discovery), served read-only by the store.
 OLLAMA_DIRS: web.AppKey[list[Path]] = web.AppKey("ollama_dirs", list)
+# Other hosts whose models routerd serves (routerd/peers/).
+PEERS: web.AppKey[Peers] = web.AppKey("peers")

@@ -67,6 +67,17 @@ class Metrics:
         self.keys = Counter("routerd_key_requests", "Requests per API key (its name from the "
                             "keys file, never the key) by outcome", ["key", "outcome"],
                             registry=r)
+        # Peers (routerd/peers/): one series per configured peer, dropped when it is removed.
+        self.peer_up = Gauge("routerd_peer_up", "1 while the peer answers its polls",
+                             ["peer"], registry=r)
+        self.peer_latency = Gauge("routerd_peer_poll_latency_seconds",
+                                  "How long the peer's last good poll took", ["peer"],
+                                  registry=r)
+        self.peer_requests = Counter("routerd_peer_requests", "Requests forwarded to the peer",
+                                     ["peer"], registry=r)
+        self.peer_failures = Counter("routerd_peer_failures",
+                                     "Forwarded requests that failed on the peer", ["peer"],
+                                     registry=r)
         self._models: set[str] = set()
         self._series: dict[str, dict[tuple[Any, tuple[str, ...]], Any]] = {}
         self._states: dict[str, str] = {}
@@ -169,6 +180,24 @@ class Metrics:
         self._states.pop(model, None)
         self._models.discard(model)
 
+    def set_peer(self, peer: str, *, up: bool, latency: float | None) -> None:
+        self.peer_up.labels(peer).set(1 if up else 0)
+        if latency is not None:
+            self.peer_latency.labels(peer).set(latency)
+
+    def inc_peer_request(self, peer: str) -> None:
+        self.peer_requests.labels(peer).inc()
+
+    def inc_peer_failure(self, peer: str) -> None:
+        self.peer_failures.labels(peer).inc()
+
+    def forget_peer(self, peer: str) -> None:
+        for metric in (self.peer_up, self.peer_latency, self.peer_requests, self.peer_failures):
+            try:
+                metric.remove(peer)
+            except KeyError:
+                pass
+
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition (text format, or OpenMetrics when asked) and its content type."""
         encoder, content_type = choose_encoder(accept)
@@ -226,4 +255,16 @@ class NullMetrics(Metrics):
         pass
 
     def forget(self, model: str) -> None:
+        pass
+
+    def set_peer(self, peer: str, *, up: bool, latency: float | None) -> None:
+        pass
+
+    def inc_peer_request(self, peer: str) -> None:
+        pass
+
+    def inc_peer_failure(self, peer: str) -> None:
+        pass
+
+    def forget_peer(self, peer: str) -> None:
         pass

@@ -84,6 +84,8 @@ def _swap_config(app: web.Application,
     if discoverer is not None:
         discoverer.config = new  # model_dirs and the source toggles are read at each scan
     catalog.refresh(new)
+    if keys.PEERS in app:
+        app[keys.PEERS].reconfigure(new.peers)  # routerd/peers/: added, changed, removed
     scheduler.failures.reset()
     after = {e.name: e for e in catalog.entries()}
     retiring = []

@@ -18,7 +18,7 @@ LAYERS: list[set[str]] = [
      "metrics", "__init__"},
     {"store", "workers", "engine", "client"},
     {"catalog", "discovery"},
-    {"scheduler"},
+    {"scheduler", "peers"},
     {"dispatch"},
     {"api", "activity", "history"},
     {"app", "reload", "cli", "__main__"},

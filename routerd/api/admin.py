@@ -17,7 +17,7 @@ from ..catalog import ModelEntry
 from ..errors import BadRequest, ModelNotFound
 from ..scheduler.accounting import read_info
 from ..store import gguf
-from . import capabilities
+from . import capabilities, peer_views
 from .common import add_route, note_request, read_json, jresp
 from .security import model_visible
 
@@ -70,6 +70,7 @@ async def tags(request: web.Request) -> web.Response:
         for alias in e.aliases:  # every configured model by name and by alias
             models.append({**tag, "name": alias, "model": alias,
                            "routerd": {**tag["routerd"], "alias_of": e.name}})
+    models.extend(peer_views.tags(request))  # marked with their peer (routerd/peers/)
     return jresp({"models": models})
 
 
@@ -102,8 +103,10 @@ async def ps(request: web.Request) -> web.Response:
     failed = [{"name": n, "reason": scheduler.failed_reason(n)}
               for n in request.app[keys.CATALOG].names() if scheduler.failed_reason(n)]
     budget = scheduler.acct.budget()
+    remote, peers = peer_views.ps(request)  # every host's loaded models (routerd/peers/)
+    models.extend(remote)
     return jresp({"models": models,
-                              "routerd": {"budget": budget, "failed": failed,
+                              "routerd": {"budget": budget, "failed": failed, "peers": peers,
                                           "queue": scheduler.waiting,
                                           "gpus": scheduler.acct.gpus(),
                                           "vram_over_booking": over,

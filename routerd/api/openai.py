@@ -11,7 +11,7 @@ from aiohttp import web
 from .. import keys
 from ..bodies import parse_object, stream_flag
 from ..scheduler.accounting import read_info
-from . import capabilities, chatbridge
+from . import capabilities, chatbridge, peer_views
 from .security import model_visible
 from .common import add_route, engine_call, keep_alive_field, model_field, note_request, jresp
 from .streaming import relay_body, stream_sse
@@ -61,6 +61,7 @@ async def models(request: web.Request) -> web.Response:
         data.append({"id": e.name, "object": "model", "created": created,
                      "owned_by": "routerd", "routerd": {"source": e.source,
                                                          "aliases": list(e.aliases)}})
+    data.extend(peer_views.openai_models(request))  # marked with their peer
     return jresp({"object": "list", "data": data})
 
 

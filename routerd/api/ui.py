@@ -197,6 +197,7 @@ async def api_overview(request: web.Request) -> web.Response:
     view = ui_views.overview(scheduler, app[keys.CATALOG], scheduler.acct, app[VERSIONS].get(),
                              app[LOAD_TIMES], app[keys.CONFIG].keep_alive)
     view["last_failure"] = app[FAILURES]
+    view["peers"] = app[keys.PEERS].status() if keys.PEERS in app else []  # routerd/peers/
     view["events"] = {"subscribers": app[keys.EVENTS].subscribers}
     return _jresp(view)
 
