@@ -1,4 +1,5 @@
-"""routerd's command line: serve | check-config | pull | list | ps | show | rm | cp | run | stop | logs."""
+"""routerd's command line: serve | check-config | pull | list | ps | show | rm | cp | run | stop | logs
+| rpc-worker."""
 
 from __future__ import annotations
 
@@ -219,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("logs")
     lg.add_argument("name")
     lg.add_argument("-f", "--follow", action="store_true")
+    from .workers.rpcworker import add_arguments as rpc_worker_arguments
+    rpc_worker_arguments(sub.add_parser("rpc-worker", help="run and supervise a llama.cpp "
+                                        "rpc-server (README: Several hosts)"))
     return p
 
 
@@ -230,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_serve(args)
     if args.cmd == "check-config":
         return cmd_check_config(args)
+    if args.cmd == "rpc-worker":
+        from .workers.rpcworker import run as rpc_worker
+        return rpc_worker(args)
     return _client(args)
 
 

