@@ -18,13 +18,13 @@ from .results import Row
 from .run import Run
 
 SCENARIOS = ("converters", "warm", "stream", "concurrency", "swap", "cold", "capacity",
-             "footprint", "cache", "alternation")
+             "footprint", "cache", "alternation", "peer")
 
 
 QUICK = {"warm_rounds": 5, "stream_rounds": 2, "stream_tokens": 32, "conc_rounds": 1,
          "conc_tokens": 8, "clients": "16", "cold_rounds": 2, "swap_rounds": 2,
          "cap_rounds": 1, "cap_seconds": 1.0, "streams": 50, "cache_rounds": 1, "alt_rounds": 1,
-         "alt_seconds": 4.0}
+         "alt_seconds": 4.0, "peer_rounds": 4}
 
 
 def missing_tools(profile: bool) -> list[str]:
@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alt-seconds", type=float, default=20.0)
     p.add_argument("--cap-rounds", type=int, default=4)
     p.add_argument("--cache-rounds", type=int, default=3)
+    p.add_argument("--peer-rounds", type=int, default=30)
     p.add_argument("--cap-seconds", type=float, default=3.0)
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--streams", type=int, default=500)
@@ -247,6 +248,11 @@ def _main(argv: list[str] | None) -> int:
 
             run.load.note("cache")
             run.add(asyncio.run(cache(work, args.model, args.cache_rounds)))
+        if run.want("peer"):
+            from .peer_hop import peer_hop
+
+            run.load.note("peer")
+            run.add(asyncio.run(peer_hop(work, args.model, args.peer_rounds)))
         if run.want("alternation"):
             run.load.note("alternation")
             run.add(asyncio.run(alternation.alternation(work, args.alt_rounds,
