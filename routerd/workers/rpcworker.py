@@ -34,7 +34,7 @@ STOP_WAIT = 5.0
 # --mem caps the rpc-server's data segment (RLIMIT_DATA: its heap and private writable
 # mappings, where the CPU backend's buffers live) at SIZE plus this much for the process
 # itself and each thread's stack.
-MEM_SLACK, STACK_PER_THREAD = 256 * 1024**2, 8 * 1024**2
+MEM_SLACK, STACK_PER_THREAD = 64 * 1024**2, 8 * 1024**2
 
 
 @dataclass(frozen=True)

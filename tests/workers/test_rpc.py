@@ -216,7 +216,10 @@ def test_rpc_worker_binds_loopback_by_default_and_refuses_all_interfaces() -> No
         == "0.0.0.0"
     with pytest.raises(ValueError, match="IPv4"):
         rpcworker.options_from(_args(host="::"))
-    assert rpcworker.options_from(_args(mem="2GiB")).mem == 2 * GiB
+    capped = rpcworker.options_from(_args(mem="2GiB", threads=4))
+    assert capped.mem == 2 * GiB
+    assert rpcworker.data_limit(capped) == 2 * GiB + 64 * MiB + 8 * 8 * MiB  # + stacks
+    assert rpcworker.data_limit(rpcworker.options_from(_args())) is None
 
 
 def test_rpc_worker_backoff_doubles_on_quick_crashes_and_resets_after_a_healthy_run() -> None:
