@@ -227,6 +227,7 @@ class ModelConfig:
     keep_cache: bool = True  # save its prompt cache (llama-server slots) across swaps
     gpus: tuple[int, ...] | None = None  # `gpu: N` or `gpus: [..]` pins; None = any GPU
     rpc: tuple[str, ...] = ()  # llama.cpp rpc-servers ("host:port") its layers go to
+    # (`rpc: true` in the file: the top-level rpc_pool)
 
 
 @dataclass(frozen=True)
@@ -287,6 +288,7 @@ class Config:
     allowed_hosts: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = DEFAULT_CORS
     log_level: str = "info"
+    rpc_pool: tuple[str, ...] = ()  # rpc-servers for models with `rpc: true`
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
     peers: tuple[PeerConfig, ...] = ()
     source: str | None = None  # the file it came from
@@ -340,7 +342,8 @@ _MODEL_KEYS = {f for f in ModelConfig.__dataclass_fields__ if f != "name"} | {"g
 _TOP_KEYS = {f for f in Config.__dataclass_fields__ if f != "source"}
 
 
-def _parse_model(name: str, data: Any, file: str | None) -> ModelConfig:
+def _parse_model(name: str, data: Any, file: str | None,
+                 rpc_pool: tuple[str, ...] = ()) -> ModelConfig:
     key = f"models.{name}."
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}", name):
         raise ConfigError(f"models.{name}", "invalid model name", file)
@@ -380,24 +383,36 @@ def _parse_model(name: str, data: Any, file: str | None) -> ModelConfig:
             embeddings=r.get("embeddings", bool, ModelConfig.embeddings),
             keep_cache=r.get("keep_cache", bool, ModelConfig.keep_cache),
             gpus=pinned,
-            rpc=_parse_rpc(r, backend),
+            rpc=_parse_rpc(r, backend, rpc_pool),
         )
     except ConfigError as e:
         raise ConfigError(e.key, e.reason, file) from None
 
 
-def _parse_rpc(r: _Reader, backend: str) -> tuple[str, ...]:
-    """`rpc: ["10.0.0.2:50052", ...]`: llama-server's --rpc (README: Several hosts). llama.cpp
-    splits an endpoint at its first ':', so no IPv6 literals."""
-    endpoints = r.strings("rpc", ())
+def _parse_rpc(r: _Reader, backend: str, pool: tuple[str, ...]) -> tuple[str, ...]:
+    """`rpc: ["10.0.0.2:50052", ...]`, or `rpc: true` for the top-level rpc_pool: llama-server's
+    --rpc (README: Several hosts)."""
+    if r.data.get("rpc") is True:
+        if not pool:
+            raise ConfigError(r.key("rpc"), "rpc: true needs a top-level rpc_pool list")
+        endpoints = pool
+    elif r.data.get("rpc") is False:
+        endpoints = ()
+    else:
+        endpoints = _rpc_endpoints(r.strings("rpc", ()), r.key("rpc"))
+    if endpoints and backend not in ("auto", "llama-server"):
+        raise ConfigError(r.key("rpc"), "needs backend llama-server (its --rpc)")
+    return endpoints
+
+
+def _rpc_endpoints(endpoints: tuple[str, ...], key: str) -> tuple[str, ...]:
+    """host:port each, no repeats. llama.cpp splits at the first ':', so no IPv6 literals."""
     for e in endpoints:
         m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9.-]*):(\d{1,5})", e)
         if not m or not 1 <= int(m.group(2)) <= 65535:
-            raise ConfigError(r.key("rpc"), f"expected host:port (IPv4 or a host name), got {e!r}")
-    if endpoints and backend not in ("auto", "llama-server"):
-        raise ConfigError(r.key("rpc"), "needs backend llama-server (its --rpc)")
+            raise ConfigError(key, f"expected host:port (IPv4 or a host name), got {e!r}")
     if len(set(endpoints)) != len(endpoints):
-        raise ConfigError(r.key("rpc"), "an endpoint is listed twice")
+        raise ConfigError(key, "an endpoint is listed twice")
     return endpoints
 
 
@@ -480,7 +495,9 @@ def parse_config(data: Mapping[str, Any] | None, file: str | None = None) -> Con
             k: parse_duration(tor.data[k], tor.key(k)) for k in tor.data
         })
         models_raw = r.get("models", dict, {})
-        models = {name: _parse_model(name, spec, file) for name, spec in models_raw.items()}
+        rpc_pool = _rpc_endpoints(r.strings("rpc_pool", ()), "rpc_pool")
+        models = {name: _parse_model(name, spec, file, rpc_pool)
+                  for name, spec in models_raw.items()}
         _check_names(models)
         default_model = r.get("default_model", str, None)
         if default_model and models and not any(
@@ -521,6 +538,7 @@ def parse_config(data: Mapping[str, Any] | None, file: str | None = None) -> Con
             allowed_hosts=r.strings("allowed_hosts", ()),
             cors_origins=r.strings("cors_origins", DEFAULT_CORS),
             log_level=r.get("log_level", str, Config.log_level),
+            rpc_pool=rpc_pool,
             models=models,
             peers=_parse_peers(r.get("peers", list, [])),
             source=file,

@@ -119,6 +119,20 @@ def test_the_rpc_key_takes_host_port_endpoints_for_llama_server() -> None:
         parse_config(_model_config(rpc=["h:1"], backend="llama-cpp-python"))
 
 
+def test_rpc_true_takes_the_top_level_pool() -> None:
+    c = parse_config({"rpc_pool": ["10.0.0.2:50052", "10.0.0.3:50052"],
+                      "models": {"a": {"model": "/m.gguf", "rpc": True},
+                                 "b": {"model": "/m.gguf", "rpc": ["10.0.0.9:1"]},
+                                 "c": {"model": "/m.gguf"}}})
+    assert c.rpc_pool == ("10.0.0.2:50052", "10.0.0.3:50052")
+    assert c.models["a"].rpc == c.rpc_pool
+    assert c.models["b"].rpc == ("10.0.0.9:1",) and c.models["c"].rpc == ()
+    with pytest.raises(ConfigError, match="rpc_pool"):
+        parse_config(_model_config(rpc=True))
+    with pytest.raises(ConfigError, match="rpc_pool"):
+        parse_config({"rpc_pool": ["nope"]})
+
+
 def test_llama_server_gets_rpc_and_other_backends_refuse_it() -> None:
     spec = LaunchSpec(model="m", path="/m.gguf", backend="llama-server",
                       rpc=("10.0.0.2:50052", "10.0.0.3:50052"))
