@@ -165,3 +165,61 @@ def test_a_model_past_the_workers_mem_cap_fails_its_load_and_the_worker_stays_up
     wait_rpc(endpoint, worker)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(20) == 0
+
+
+def test_one_model_over_two_hosts_splits_its_layers_and_answers_as_the_local_one(
+        rpc_server: Path, model_path: Path, tmp_path: Path) -> None:
+    with network(2) as (b, c):
+        workers = [start_worker(h, tmp_path / f"{h.name}.log", "--host", h.addr) for h in (b, c)]
+        endpoints = [f"{h.addr}:{PORT}" for h in (b, c)]
+        for ep, w in zip(endpoints, workers):
+            wait_rpc(ep, w)
+        common = {"model": str(model_path), "backend": "llama-server", "ctx_size": 1024,
+                  "embeddings": False}
+        d = Daemon({"rpc_pool": endpoints,
+                    "models": {"local": common, "split": {**common, "rpc": True}}},
+                   tmp_path / "a")
+        try:
+            local = ask(d, "local")
+            before = [h.veth_bytes()[0] for h in (b, c)]
+            split = ask(d, "split")
+            got = [h.veth_bytes()[0] - x for h, x in zip((b, c), before)]
+            booked = {m["name"]: m["routerd"]["booked"] for m in d.get("/api/ps")["models"]}
+        finally:
+            assert d.stop() == 0, d.log()
+        assert split["choices"][0]["message"]["content"] == \
+            local["choices"][0]["message"]["content"]
+        size = model_path.stat().st_size
+        print(f"\nrpc over two hosts: received {[round(g / 2**20, 1) for g in got]} MiB; "
+              f"booked {booked['split']}")
+        assert sum(got) >= 0.8 * size and min(got) >= 0.2 * size  # both hosts hold layers
+        assert all(booked["split"][f"rpc:{ep}"] > 0.2 * size for ep in endpoints)
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+            assert w.wait(20) == 0
+
+
+def test_a_restarted_rpc_server_brings_the_remote_model_back_without_a_restart_of_routerd(
+        host_b: Host, model_path: Path, tmp_path: Path) -> None:
+    worker = start_worker(host_b, tmp_path / "rpc-worker.log", "--host", host_b.addr)
+    endpoint = f"{host_b.addr}:{PORT}"
+    wait_rpc(endpoint, worker)
+    d = Daemon({"models": {"remote": {"model": str(model_path), "backend": "llama-server",
+                                      "ctx_size": 1024, "embeddings": False,
+                                      "rpc": [endpoint]}}}, tmp_path / "a")
+    try:
+        first = ask(d, "remote")["choices"][0]["message"]["content"]
+        (child,) = children(worker)
+        os.kill(child, signal.SIGKILL)  # B's rpc-server crashes under a loaded model
+        wait_for(lambda: [p for p in children(worker) if p != child], what="a restart on B")
+
+        def answered() -> str | None:
+            try:
+                return str(ask(d, "remote")["choices"][0]["message"]["content"])
+            except urllib.error.HTTPError:
+                return None  # the engine on A is being restarted after its own crash
+        assert wait_for(answered, timeout=60, what="the model back") == first
+    finally:
+        assert d.stop() == 0, d.log()
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(20) == 0
