@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -223,3 +224,21 @@ def test_a_restarted_rpc_server_brings_the_remote_model_back_without_a_restart_o
         assert d.stop() == 0, d.log()
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(20) == 0
+
+
+def test_a_model_whose_rpc_server_is_down_gets_503_with_the_reason_and_retry_after(
+        model_path: Path, tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{s.getsockname()[1]}"
+    d = Daemon({"models": {"remote": {"model": str(model_path), "backend": "llama-server",
+                                      "rpc": [endpoint]}}}, tmp_path / "a")
+    try:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            ask(d, "remote")
+        body = e.value.read().decode()
+        assert e.value.code == 503 and e.value.headers["Retry-After"] == "5"
+        assert f"rpc-server {endpoint} unreachable" in body
+        assert d.get("/api/ps")["models"] == []  # no engine was started
+    finally:
+        assert d.stop() == 0, d.log()

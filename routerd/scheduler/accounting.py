@@ -201,6 +201,7 @@ class Accountant:
             if loaded is not None:  # a load decision: ask the servers no model of ours holds
                 held = rpcbooks.endpoints_held([m.need for m in loaded] + [reserved or {}])
                 self.rpc.refresh(ls.rpc, held)
+                self.rpc.require(ls.rpc)
             p = rpcbooks.place(info, ls, self.rpc, lambda kind, n: (
                 self.book.correct(key, n, kind) if key is not None else n))
         else:

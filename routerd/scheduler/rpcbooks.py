@@ -35,6 +35,7 @@ from . import memory, placement
 log = structlog.get_logger(__name__)
 
 Probe = Callable[[str], Sequence[rpc.DeviceMemory]]
+RETRY_AFTER = 5  # seconds, for a request whose rpc-server is down or busy
 Correct = Callable[[str, int], float]
 
 
@@ -100,6 +101,14 @@ class RpcDevices:
             self._seen[e] = devices
             log.info("rpc.probed", endpoint=e, devices=len(devices),
                      free=[d.free for d in devices], total=[d.total for d in devices])
+
+    def require(self, endpoints: Iterable[str]) -> None:
+        """RpcError (503, Retry-After) naming the first endpoint the last probe failed for:
+        loading would fail (unreachable) or hang (serving another client)."""
+        for e in endpoints:
+            if e not in self._seen and e in self.errors:
+                raise rpc.RpcError(f"cannot load over RPC: {self.errors[e]}",
+                                   headers={"Retry-After": str(RETRY_AFTER)})
 
     def devices(self, endpoint: str) -> tuple[rpc.DeviceMemory, ...]:
         return self._seen.get(endpoint, ())

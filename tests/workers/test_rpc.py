@@ -208,6 +208,9 @@ def test_an_unreachable_server_has_no_budget_and_the_refusal_names_it(info) -> N
     assert not policy.fits_at_all(need, budget)
     assert "rpc:h9:1" in policy.refusal_message(need, budget)
     assert "unreachable" in devices.errors["h9:1"]
+    with pytest.raises(rpc.RpcError, match="unreachable") as e:
+        devices.require(["h9:1"])
+    assert e.value.status == 503 and e.value.headers["Retry-After"] == "5"
 
 
 def _args(**over: object) -> argparse.Namespace:
