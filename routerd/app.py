@@ -77,7 +77,8 @@ async def scheduler_context(app: web.Application) -> AsyncIterator[None]:
                           metrics=app.get(keys.METRICS), events=app.get(keys.EVENTS),
                           cache=CacheKeeper(session, llama_server=llama_server))
     app[keys.CATALOG], app[keys.SCHEDULER] = catalog, scheduler
-    peers = app[keys.PEERS] = Peers(config.peers, session, app.get(keys.METRICS))
+    peers = Peers(config.peers, session, app.get(keys.METRICS))
+    app[keys.PEERS] = peers
     catalog.remote = peers.entry  # names no local source has
     app[keys.DISPATCHER] = Dispatcher(Router(scheduler, peers), session, app[keys.HTTP_FRESH],
                                       idle_timeout=config.timeouts.request_idle)

@@ -7,7 +7,7 @@ so this module imports nothing at run time that imports it back.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from .events import EventBus
     from .metrics import Metrics
     from .peers.peers import Peers
-    from .scheduler.runner import Runner
     from .scheduler.scheduler import Scheduler
     from .store.store import Store
 
@@ -29,7 +28,7 @@ CONFIG = web.AppKey("config", Config)
 SCHEDULER: web.AppKey[Scheduler] = web.AppKey("scheduler")
 CATALOG: web.AppKey[Catalog] = web.AppKey("catalog")
 STORE: web.AppKey[Store] = web.AppKey("store")
-DISPATCHER: web.AppKey[Dispatcher[Runner]] = web.AppKey("dispatcher")
+DISPATCHER: web.AppKey[Dispatcher[Any]] = web.AppKey("dispatcher")  # Runner or peer
 HTTP = web.AppKey("http_session", aiohttp.ClientSession)
 # A session that never reuses a connection: the retry after a stale pooled one failed.
 HTTP_FRESH = web.AppKey("http_session_fresh", aiohttp.ClientSession)

@@ -44,6 +44,9 @@ async def _load_or_unload(request: web.Request, name: str, keep_alive: float | N
     scheduler = request.app[keys.SCHEDULER]
     entry = _entry(request, name, body)
     check_keep_alive(request, keep_alive)
+    if entry.launch.backend == "peer":  # another host's model: it loads there on demand
+        return jresp(rx.load_response(name, chat=chat,
+                                      done_reason="unload" if keep_alive == 0 else "load"))
     if keep_alive == 0:
         await scheduler.unload(entry.name)
         return jresp(rx.load_response(name, chat=chat, done_reason="unload"))

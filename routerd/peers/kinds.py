@@ -73,22 +73,29 @@ def _status(m: dict[str, Any]) -> str | None:
     return status if isinstance(status, str) else None
 
 
+def _obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(answer: Any, key: str) -> list[Any]:
+    items = answer.get(key) if isinstance(answer, dict) else None
+    return items if isinstance(items, list) else []
+
+
 def read_models(kind: str, answers: dict[str, Any]) -> list[RemoteModel]:
     """The peer's models from the answers to `list_paths(kind)` (path → decoded JSON)."""
     if kind in ("routerd", "ollama"):
-        ps = answers.get("/api/ps") or {}
         running = {}
-        for m in ps.get("models") or () if isinstance(ps, dict) else ():
+        for m in _list(answers.get("/api/ps"), "models"):
             if isinstance(m, dict) and isinstance(m.get("name"), str):
-                extra = m.get("routerd") if isinstance(m.get("routerd"), dict) else {}
+                extra = _obj(m.get("routerd"))
                 if extra.get("state", "ready") in ("ready", "loading"):
                     running[m["name"]] = int(extra.get("parallel") or 1)
-        tags = answers.get("/api/tags") or {}
         out = []
-        for m in tags.get("models") or () if isinstance(tags, dict) else ():
+        for m in _list(answers.get("/api/tags"), "models"):
             if not isinstance(m, dict) or not isinstance(m.get("name"), str):
                 continue
-            extra = m.get("routerd") if isinstance(m.get("routerd"), dict) else {}
+            extra = _obj(m.get("routerd"))
             if extra.get("peer") or extra.get("alias_of"):
                 continue  # a peer's own peers and aliases are not its models
             out.append(RemoteModel(m["name"], loaded=m["name"] in running,
@@ -100,7 +107,7 @@ def read_models(kind: str, answers: dict[str, Any]) -> list[RemoteModel]:
     slots = int(props.get("total_slots") or 1) if isinstance(props, dict) else 1
     out = []
     for m in _openai_ids(answers.get("/models")):
-        name = m.get("id") or m.get("name") or m.get("model")
+        name = str(m.get("id") or m.get("name") or m.get("model"))
         status = _status(m)
         out.append(RemoteModel(name, loaded=status in (None, "loaded"), slots=slots))
     return out

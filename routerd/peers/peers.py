@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import aiohttp
 import structlog
@@ -100,22 +100,22 @@ class Peers:
             source="peer:" + ",".join(o.peer.name for o in offers), size=m.size,
             location=" ".join(o.peer.api_root for o in offers))
 
-    def listing(self, local: set[str]) -> list[dict[str, object]]:
+    def listing(self, local: set[str]) -> list[dict[str, Any]]:
         """One row per name peers serve: the name, its peers and hosts, loaded where. A name a
         local model holds is listed as `<peer>/<model>` (the local one is listed already)."""
-        rows: dict[str, dict[str, object]] = {}
+        rows: dict[str, dict[str, Any]] = {}
         for p in self.by_name.values():
             for exposed, remote in p.exposed().items():
                 m = p.models[remote]
                 shown = exposed if exposed not in local else f"{p.name}/{remote}"
                 row = rows.setdefault(shown, {"name": shown, "peers": [], "size": m.size,
                                               "modified_at": m.modified_at})
-                row["peers"].append({"peer": p.name, "host": p.api_root, "model": remote,  # type: ignore[union-attr]
+                row["peers"].append({"peer": p.name, "host": p.api_root, "model": remote,
                                      "up": p.up, "loaded": m.loaded, "kind": p.kind,
                                      "inflight": p.inflight.get(remote, 0)})
         return list(rows.values())
 
-    def status(self) -> list[dict[str, object]]:
+    def status(self) -> list[dict[str, Any]]:
         """Each peer's health, for /api/ps and the dashboard."""
         return [{"name": p.name, "url": p.api_root, "kind": p.kind or "auto", "up": p.up,
                  "error": p.error, "latency_ms": None if p.latency is None

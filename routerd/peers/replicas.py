@@ -11,12 +11,14 @@ The order (the issue's, llama-swap's spill-over, Paddler's slot-aware balancing)
 3. else a place where it fits without evicting;
 4. else a local load (the scheduler makes room), or, with no local copy, the least busy place.
 Ties go to the local copy, then by key, so the choice is stable. In-flight counts are
-routerd's own (leases it handed out), never a peer's word.
+routerd's own (leases it handed out), never a peer's word; a place routerd has requests in
+flight at counts as loaded (they are loading it there), so a spill-over goes to one new place
+at a time and does not send everything to a place whose poll still says "not loaded".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 
@@ -44,7 +46,13 @@ def _tie(p: Place) -> tuple[bool, str]:
 
 
 def choose(places: Sequence[Place]) -> Place | None:
-    """The place for the next request; None when there is none."""
+    """The place for the next request (one of `places`); None when there is none."""
+    seen = [replace(p, loaded=True) if p.inflight and not p.loaded else p for p in places]
+    chosen = _choose(seen)
+    return None if chosen is None else places[seen.index(chosen)]
+
+
+def _choose(places: Sequence[Place]) -> Place | None:
     if not places:
         return None
     free = [p for p in places if p.loaded and p.inflight < max(p.slots, 1)]
@@ -60,4 +68,6 @@ def choose(places: Sequence[Place]) -> Place | None:
     if fits:
         return min(fits, key=lambda p: (-p.weight, *_tie(p)))
     local = [p for p in places if p.local]
-    return local[0] if local else min(places, key=lambda p: (_busy(p), *_tie(p)))
+    if local:
+        return local[0]
+    return min(places, key=lambda p: (_busy(p), *_tie(p)))

@@ -1,6 +1,7 @@
 """Peers with real engines on loopback: routerd A (no local model) in front of routerd B
 (SmolLM2 on llama-server), a bare llama-server as a `llama-server` peer and as an `openai`
-peer, replicas over two engines, and B killed mid-stream and restarted."""
+peer, replicas over two engines (two peers; B's local engine and a peer), and B killed
+mid-stream and restarted."""
 
 from __future__ import annotations
 
@@ -32,10 +33,12 @@ def _auth(work: Path, key: str) -> dict[str, Any]:
                      "metrics_public": True}}
 
 
-def _b_config(work: Path, model_path: Path) -> dict[str, Any]:
+def _b_config(work: Path, model_path: Path, ls_url: str) -> dict[str, Any]:
+    """B serves smollm2 itself and has the bare llama-server (same name) as a replica."""
     return {**OFF, **_auth(work, PEER_KEY), "keep_alive": "10m", "models": {
         "smollm2": {"model": str(model_path), "backend": "llama-server", "ctx_size": 1024,
-                    "parallel": 2}}}
+                    "parallel": 2}},
+        "peers": [{"name": "ls", "url": ls_url, "kind": "llama-server", "interval": "1s"}]}
 
 
 def _get(base: str, path: str, key: str = CLIENT_KEY) -> Any:
@@ -68,21 +71,31 @@ def _peer_requests(base: str) -> dict[str, float]:
             re.finditer(r'^routerd_peer_requests_total\{peer="([^"]+)"\} (\S+)$', text, re.M)}
 
 
+def _wait_listed_b(hosts: Hosts) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for m in json.loads(_get(hosts.b.base_url, "/api/tags", key=PEER_KEY))["models"]:
+            if m["name"] == "ls/smollm2":
+                return m
+        time.sleep(0.1)
+    raise AssertionError("ls/smollm2 never listed on B")
+
+
 class Hosts:
     def __init__(self, work: Path, model_path: Path) -> None:
         self.work, self.model_path = work, model_path
-        self.b = Daemon(_b_config(work / "b", model_path), work / "b")
         self.ls_port = free_port()
+        ls_url = self.ls_url = f"http://127.0.0.1:{self.ls_port}"
         self.ls_log = open(work / "llama-server.log", "ab")
         self.ls = subprocess.Popen(
             [str(LLAMA_SERVER), "-m", str(model_path), "--host", "127.0.0.1",
              "--port", str(self.ls_port), "--alias", "smollm2", "-c", "1024", "-np", "2"],
             stdout=self.ls_log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.b = Daemon(_b_config(work / "b", model_path, ls_url), work / "b")
         peer = {"interval": "1s", "timeout": "2s", "backoff": "0.2s"}
         self.a = Daemon({**OFF, **_auth(work / "a", CLIENT_KEY), "peers": [
             {"name": "b", "url": self.b.base_url, "kind": "auto", "api_key": PEER_KEY, **peer}]},
             work / "a")
-        ls_url = f"http://127.0.0.1:{self.ls_port}"
         self.a2 = Daemon({**OFF, **_auth(work / "a2", CLIENT_KEY), "peers": [
             {"name": "b", "url": self.b.base_url, "kind": "routerd", "api_key": PEER_KEY, **peer},
             {"name": "ls", "url": ls_url, "kind": "llama-server", **peer},
@@ -115,6 +128,19 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterato
 def test_b_models_are_listed_on_a_with_their_peer(hosts: Hosts) -> None:
     tag = _wait_listed(hosts.a.base_url, "smollm2")
     assert tag["routerd"]["peer"] == "b" and tag["routerd"]["host"] == hosts.b.base_url
+    # On B the clash with its own smollm2 lists the peer's as ls/smollm2; A skips B's peers.
+    b_tags = {m["name"]: m for m in json.loads(_get(hosts.b.base_url, "/api/tags",
+                                                      key=PEER_KEY))["models"]}
+    on_b = b_tags.get("ls/smollm2") or _wait_listed_b(hosts)
+    assert on_b["routerd"]["peer"] == "ls"
+    assert [m["name"] for m in json.loads(_get(hosts.a.base_url, "/api/tags"))["models"]] == \
+        ["smollm2"]
+    # What `routerd list --sources` prints from these tags (the CLI sends no API key yet).
+    from routerd.discovery import format_sources
+
+    listed = format_sources(json.loads(_get(hosts.a.base_url, "/api/tags"))["models"])
+    assert re.search(r"^smollm2\s+peer:b\s+" + re.escape(hosts.b.base_url), listed, re.M), \
+        listed
     ids = {m["id"]: m for m in json.loads(_get(hosts.a.base_url, "/v1/models"))["data"]}
     assert ids["smollm2"]["routerd"]["peer"] == "b"
     with pytest.raises(urllib.error.HTTPError) as e:  # A checks the client's key itself
@@ -166,10 +192,10 @@ def test_llama_server_and_openai_kind_peers_serve_an_ollama_client(hosts: Hosts)
     assert kinds == {"b": "routerd", "ls": "llama-server", "oa": "openai"}
 
 
-async def _streams(base: str, n: int) -> list[str]:
+async def _streams(base: str, n: int, key: str = CLIENT_KEY) -> list[str]:
     import openai
 
-    ai = openai.AsyncOpenAI(base_url=base + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    ai = openai.AsyncOpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
 
     async def one() -> str:
         out = await ai.chat.completions.create(model="smollm2", messages=HI, max_tokens=8,
@@ -208,6 +234,17 @@ def test_replicas_on_two_hosts_share_32_streams_and_one_removed_takes_none(hosts
     assert _peer_requests(base)["b"] - before["b"] == 8
 
 
+def test_a_local_engine_and_a_peer_replica_share_32_streams(hosts: Hosts) -> None:
+    base = hosts.b.base_url
+    _wait_listed_b(hosts)
+    before = _peer_requests(base).get("ls", 0)
+    answers = asyncio.run(_streams(base, 32, key=PEER_KEY))
+    assert len(answers) == 32 and all(answers)
+    to_peer = _peer_requests(base)["ls"] - before
+    print(f"replicas: 32 streams on B: {32 - to_peer:.0f} local, {to_peer:.0f} to peer ls")
+    assert 0 < to_peer < 32
+
+
 def test_b_killed_mid_stream_ends_in_band_then_503_then_served_again(hosts: Hosts) -> None:
     base, b = hosts.a.base_url, hosts.b
     _wait_listed(base, "smollm2")
@@ -229,8 +266,8 @@ def test_b_killed_mid_stream_ends_in_band_then_503_then_served_again(hosts: Host
     assert e.value.code == 503 and int(e.value.headers["Retry-After"]) >= 1
     b.proc.wait(10)
     b._log.close()
-    hosts.b = Daemon(_b_config(hosts.work / "b", hosts.model_path), hosts.work / "b",
-                     port=b.port)
+    hosts.b = Daemon(_b_config(hosts.work / "b", hosts.model_path, hosts.ls_url),
+                     hosts.work / "b", port=b.port)
     restarted = time.monotonic()  # B answers; its model loads on the first request
     up_at = None
     deadline = time.monotonic() + 60
@@ -246,4 +283,4 @@ def test_b_killed_mid_stream_ends_in_band_then_503_then_served_again(hosts: Host
             time.sleep(0.1)
     assert up_at is not None, hosts.a.log()
     print(f"peer down: in-band error {cut:.2f}s after the kill, 503 in {refused * 1000:.0f} ms,"
-          f" served again {up_at:.2f}s after B was up (poll interval 1 s, and a cold load)")
+          f" served again {up_at:.2f}s after B was up (A polls B every 1 s)")

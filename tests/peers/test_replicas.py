@@ -65,3 +65,11 @@ def test_32_requests_alternate_over_two_single_slot_replicas() -> None:
         inflight[p.key] += 1
         counts[p.key] += 1
     assert counts == {"a": 16, "b": 16}
+
+
+def test_a_place_with_requests_in_flight_counts_as_loaded_so_spill_over_does_not_pile_up() -> None:
+    busy = Place("a", loaded=True, slots=1, inflight=2)
+    spilled = Place("b", fits=True, inflight=1)  # its poll has not seen the load yet
+    assert choose([busy, spilled]) == spilled  # loaded now, and the shorter queue
+    other = Place("c", fits=True)
+    assert choose([busy, spilled, other]) == other  # every slot busy: the next new place
