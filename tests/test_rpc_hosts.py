@@ -98,6 +98,7 @@ def test_a_model_on_a_remote_rpc_server_answers_as_the_local_one_and_its_weights
     finally:
         assert d.stop() == 0, d.log()
     text = local["choices"][0]["message"]["content"]
+    print(f"\nanswer ({local['usage']['completion_tokens']} tokens): {text!r}")
     assert text and remote["choices"][0]["message"]["content"] == text
     assert remote["usage"]["completion_tokens"] == local["usage"]["completion_tokens"]
     size = model_path.stat().st_size

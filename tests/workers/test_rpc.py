@@ -271,3 +271,27 @@ def test_supervise_stops_its_child_on_the_stop_event(tmp_path: Path) -> None:
     pid = int(pidfile.read_text())
     assert not Path(f"/proc/{pid}").exists() or \
         Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+
+def test_supervise_kills_a_child_that_ignores_sigterm_after_the_wait(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rpcworker, "STOP_WAIT", 0.5)
+    pidfile = tmp_path / "pid"
+    argv = [sys.executable, "-c",
+            "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)"]
+
+    async def go() -> int:
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(rpcworker.supervise(argv, stop))
+        for _ in range(200):
+            if pidfile.exists() and pidfile.read_text():
+                break
+            await asyncio.sleep(0.02)
+        stop.set()
+        return await asyncio.wait_for(task, 20)
+
+    assert asyncio.run(go()) == 0
+    pid = int(pidfile.read_text())
+    assert not Path(f"/proc/{pid}").exists() or \
+        Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
