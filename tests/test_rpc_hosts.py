@@ -243,3 +243,17 @@ def test_a_model_whose_rpc_server_is_down_gets_503_with_the_reason_and_retry_aft
         assert d.get("/api/ps")["models"] == []  # no engine was started
     finally:
         assert d.stop() == 0, d.log()
+
+
+def test_rpc_worker_as_a_containers_pid_1_keeps_its_rpc_server(host_b: Host,
+                                                                tmp_path: Path) -> None:
+    log = tmp_path / "rpc-worker.log"
+    out = open(log, "ab")
+    worker = host_b.run(["unshare", "--pid", "--fork", "--kill-child", str(BIN / "routerd"),
+                         "rpc-worker", "--host", host_b.addr, "--port", str(PORT)],
+                        stdout=out, stderr=subprocess.STDOUT)
+    wait_rpc(f"{host_b.addr}:{PORT}", worker)
+    assert "rpc.exited" not in log.read_text()  # its child did not take it for an orphan
+    os.killpg(worker.pid, signal.SIGTERM)  # unshare and rpc-worker (PID 1 inside) alike
+    worker.wait(20)
+    wait_for(lambda: not host_b.pids(), what="nothing left running on host B")
