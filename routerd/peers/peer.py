@@ -55,6 +55,7 @@ class Peer:
         self._failures = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
         self._polled = asyncio.Event()  # set after each poll, good or bad
         try:
             key = read_key(config)
@@ -84,6 +85,7 @@ class Peer:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -96,7 +98,7 @@ class Peer:
             await asyncio.wait_for(self._polled.wait(), timeout)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopped:
             try:
                 await self.poll()
             except asyncio.CancelledError:
@@ -111,8 +113,13 @@ class Peer:
                            self.config.backoff * 2 ** max(0, self._failures - 1))
             self.retry_at = time.monotonic() + wait
             self._wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+            # asyncio.wait, not wait_for: 3.11's wait_for drops a cancel that arrives as the
+            # event is set (a failed request's wake-up racing a stop), and the loop ran on.
+            waiter = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({waiter}, timeout=wait)
+            finally:
+                waiter.cancel()
 
     async def _get(self, url: str) -> Any:
         timeout = aiohttp.ClientTimeout(total=self.config.timeout)

@@ -128,6 +128,8 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterato
 def test_b_models_are_listed_on_a_with_their_peer(hosts: Hosts) -> None:
     tag = _wait_listed(hosts.a.base_url, "smollm2")
     assert tag["routerd"]["peer"] == "b" and tag["routerd"]["host"] == hosts.b.base_url
+    assert [p["kind"] for p in json.loads(_get(hosts.a.base_url, "/api/ps"))["routerd"]
+            ["peers"]] == ["routerd"]  # kind auto, detected
     # On B the clash with its own smollm2 lists the peer's as ls/smollm2; A skips B's peers.
     b_tags = {m["name"]: m for m in json.loads(_get(hosts.b.base_url, "/api/tags",
                                                       key=PEER_KEY))["models"]}
@@ -264,6 +266,10 @@ def test_b_killed_mid_stream_ends_in_band_then_503_then_served_again(hosts: Host
         _post(base, "/api/chat", {"model": "smollm2", "messages": HI, "stream": False})
     refused = time.monotonic() - t0
     assert e.value.code == 503 and int(e.value.headers["Retry-After"]) >= 1
+    metrics = _get(base, "/metrics").decode()
+    assert 'routerd_peer_up{peer="b"} 0.0' in metrics
+    assert float(re.search(r'^routerd_peer_failures_total\{peer="b"\} (\S+)$', metrics,
+                           re.M)[1]) >= 1
     b.proc.wait(10)
     b._log.close()
     hosts.b = Daemon(_b_config(hosts.work / "b", hosts.model_path, hosts.ls_url),

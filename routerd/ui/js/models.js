@@ -69,7 +69,9 @@ function render(app) {
     if (m.routerd && m.routerd.alias_of) continue;
     const r = app.runner(m.name);
     const failed = app.failed(m.name);
-    const state = r ? r.state : failed ? "failed" : "available";
+    const peers = m.routerd && m.routerd.peers; // another host's model (routerd/peers/)
+    const state = peers ? (peers.some((p) => p.up) ? "on peer" : "peer down")
+      : r ? r.state : failed ? "failed" : "available";
     const d = m.details || {};
     const row = h("tr", { dataset: { model: m.name, state } },
       h("td", {}, h("b", { text: m.name }),
@@ -81,7 +83,7 @@ function render(app) {
       h("td", { text: [d.family, d.parameter_size, d.quantization_level].filter(Boolean)
         .join(" · ") || "–" }),
       h("td", {}, h("span", { class: `badge state-${state}`, text: state })),
-      h("td", { class: "actions" }, actions(m, r, app)));
+      h("td", { class: "actions" }, peers ? null : actions(m, r, app)));
     body.append(row);
     if (open.has(m.name)) {
       // Fetched once when opened, then kept: re-renders on events do not refetch.
