@@ -6,12 +6,15 @@ answer's bytes are relayed untouched (no per-chunk JSON parsing).
 
 from __future__ import annotations
 
+import json
+
 from aiohttp import web
 
 from .. import keys
 from ..bodies import parse_object, stream_flag
 from ..scheduler.accounting import read_info
 from . import capabilities, chatbridge, peer_views
+from .translate.schema import bounded_format
 from .security import model_visible
 from .common import add_route, engine_call, keep_alive_field, model_field, note_request, jresp
 from .streaming import relay_body, stream_sse
@@ -41,6 +44,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         note_request(request, name)
         stream_flag(body, default=False)
         return await chatbridge.openai_chat(request, name, body)
+    fmt = body.get("response_format")
+    if bounded_format(fmt) is not fmt:  # free strings bounded, so the JSON always closes
+        body = {**body, "response_format": bounded_format(fmt)}
+        raw = json.dumps(body, ensure_ascii=False).encode()
     return await _proxy(request, "/v1/chat/completions", raw, body)
 
 

@@ -1,0 +1,66 @@
+"""Bounded structured output: every JSON schema routerd sends to an engine closes (pure).
+
+Constrained decoding makes an answer follow a schema token by token, but a free string has no
+end: a small model that starts repeating inside one (SmolLM2-135M does, in about 1 call in 5
+at Ollama's default sampling) writes until the length limit and the JSON never closes. So
+routerd bounds every free string it hands to an engine's grammar at `MAX_STRING` characters,
+where the schema sets no bound of its own; the grammar then forces the closing quote and the
+object still parses. A schema's own `maxLength` (or `enum`, `const`, `pattern`, `format`)
+always wins: set `maxLength` to lift the bound.
+
+    bounded(schema)                 # a copy; the caller's schema is never changed
+    bounded_format(response_format) # an OpenAI `response_format`, bounded where it has a schema
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["MAX_STRING", "bounded", "bounded_format"]
+
+MAX_STRING = 1000  # characters; a looping 135M model then closes a string in ~400 tokens
+
+# Keywords whose values are one subschema, a list of them, or a name -> subschema map.
+_ONE = ("items", "additionalProperties", "not", "contains", "if", "then", "else",
+        "unevaluatedProperties", "unevaluatedItems", "propertyNames")
+_MANY = ("anyOf", "oneOf", "allOf", "prefixItems")
+_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+# A string constrained by one of these is bounded already (or shaped by the grammar's own rule).
+_SHAPED = ("maxLength", "enum", "const", "pattern", "format")
+
+
+def _is_string(schema: Mapping[str, Any]) -> bool:
+    kind = schema.get("type")
+    return kind == "string" or (isinstance(kind, list) and "string" in kind)
+
+
+def bounded(schema: Any, max_string: int = MAX_STRING) -> Any:
+    """`schema` with `maxLength: max_string` on each free string, at any depth."""
+    if isinstance(schema, list):
+        return [bounded(s, max_string) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema  # `true`/`false` schemas and odd values pass as they are
+    out: dict[str, Any] = dict(schema)
+    for key in _ONE:
+        if isinstance(out.get(key), (Mapping, list)):
+            out[key] = bounded(out[key], max_string)
+    for key in _MANY:
+        if isinstance(out.get(key), list):
+            out[key] = [bounded(s, max_string) for s in out[key]]
+    for key in _MAP:
+        if isinstance(out.get(key), Mapping):
+            out[key] = {name: bounded(s, max_string) for name, s in out[key].items()}
+    if _is_string(out) and not any(k in out for k in _SHAPED):
+        out["maxLength"] = max_string
+    return out
+
+
+def bounded_format(fmt: Any, max_string: int = MAX_STRING) -> Any:
+    """An OpenAI `response_format` with its JSON schema bounded (anything else as it is)."""
+    if not isinstance(fmt, Mapping) or fmt.get("type") != "json_schema":
+        return fmt
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("schema"), Mapping):
+        return fmt
+    return {**fmt, "json_schema": {**spec, "schema": bounded(spec["schema"], max_string)}}
