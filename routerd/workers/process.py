@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import os
 import re
+import resource
 import secrets
 import signal
 import socket
@@ -57,15 +58,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _child_setup() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except OSError:
-            pass
-    if os.getppid() == 1:  # the daemon died between fork and prctl
-        os._exit(1)
+def child_setup(data_limit: int | None = None) -> Callable[[], None]:
+    """What a worker's child runs between fork and exec: it dies with its parent (PDEATHSIG),
+    and exits at once if the parent died before that was set. The parent's pid is compared,
+    not "is it 1": routerd may itself be PID 1 (a container without an init)."""
+    parent = os.getpid()
+
+    def setup() -> None:
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            except OSError:
+                pass
+        if os.getppid() != parent:  # the parent died between fork and prctl
+            os._exit(1)
+        if data_limit is not None:
+            resource.setrlimit(resource.RLIMIT_DATA, (data_limit, data_limit))
+    return setup
 
 
 class _ExitProtocol(asyncio.subprocess.SubprocessStreamProtocol):
@@ -182,7 +192,7 @@ class Worker:
             transport, self._protocol = await loop.subprocess_exec(
                 lambda: _ExitProtocol(loop), *cmd, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                start_new_session=True, preexec_fn=_child_setup, pass_fds=(read_end,), env=env)
+                start_new_session=True, preexec_fn=child_setup(), pass_fds=(read_end,), env=env)
             self.proc = asyncio.subprocess.Process(transport, self._protocol, loop)
             self._pipes = [p for p in map(transport.get_pipe_transport, (1, 2)) if p is not None]
         except OSError as e:

@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import os
-import resource
 import signal
 import sys
 import time
@@ -26,6 +24,7 @@ from dataclasses import dataclass
 import structlog
 
 from . import rpc
+from .process import child_setup
 
 log = structlog.get_logger("routerd.rpc")
 
@@ -81,22 +80,10 @@ def data_limit(opts: Options) -> int | None:
     return opts.mem + MEM_SLACK + (threads + 4) * STACK_PER_THREAD
 
 
-_PR_SET_PDEATHSIG = 1
 
 
 def _preexec(limit: int | None) -> Callable[[], None]:
-    parent = os.getpid()  # compared, not "is it 1": rpc-worker may be a container's PID 1
-
-    def setup() -> None:  # between fork and exec
-        if sys.platform.startswith("linux"):
-            with contextlib.suppress(OSError):
-                ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL,
-                                                        0, 0, 0)
-        if os.getppid() != parent:  # rpc-worker died between fork and prctl
-            os._exit(1)
-        if limit is not None:
-            resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
-    return setup
+    return child_setup(limit)  # dies with rpc-worker; RLIMIT_DATA = --mem
 
 
 def next_delay(delay: float, ran_for: float) -> float:
