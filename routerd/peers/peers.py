@@ -37,6 +37,7 @@ class Peers:
         self.session, self.metrics = session, metrics
         self.by_name: dict[str, Peer] = {}
         self._pending = list(configs)
+        self._stopping: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         self.reconfigure(self._pending)
@@ -54,8 +55,10 @@ class Peers:
                 peer = Peer(c, self.session, self.metrics)
                 self.by_name[name] = peer
                 peer.start()
-        for peer in gone:
-            asyncio.get_running_loop().create_task(peer.stop())
+        for peer in gone:  # owned here: close() waits for them
+            task = asyncio.get_running_loop().create_task(peer.stop())
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
         if gone or wanted:
             log.info("peers.configured", peers=sorted(self.by_name),
                      stopped=sorted(p.name for p in gone))
@@ -63,7 +66,7 @@ class Peers:
 
     async def close(self) -> None:
         peers, self.by_name = list(self.by_name.values()), {}
-        await asyncio.gather(*(p.stop() for p in peers))
+        await asyncio.gather(*(p.stop() for p in peers), *self._stopping)
 
     async def wait_polled(self, timeout: float) -> None:
         await asyncio.gather(*(p.wait_polled(timeout) for p in self.by_name.values()))
