@@ -15,6 +15,7 @@ from ..bodies import parse_object, stream_flag
 from ..scheduler.accounting import read_info
 from . import capabilities, chatbridge, peer_views
 from .translate.schema import bounded_format
+from .translate.sse import ModelRenamer
 from .security import model_visible
 from .common import add_route, engine_call, keep_alive_field, model_field, note_request, jresp
 from .streaming import relay_body, stream_sse
@@ -30,10 +31,14 @@ async def _proxy(request: web.Request, path: str, raw: bytes | None = None,
     stream = stream_flag(body, default=False)
     call = engine_call(request, name, path, body=raw, stream=stream,
                        keep_alive=keep_alive_field(body))
+    # An alias: the answer names the model the client asked for (llama-server's completions
+    # answer with the engine's own name; chat and embeddings echo the body's)
+    alias = name if request.app[keys.CATALOG].resolve(name).name != name else None
     if stream:  # keep-alive comments while the lease waits (a cold load)
-        return await stream_sse(request, call)
+        return await stream_sse(request, call,
+                                transform=ModelRenamer(alias).feed if alias else None)
     async with call:
-        return await relay_body(call)
+        return await relay_body(call, rename=alias)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

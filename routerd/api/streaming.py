@@ -148,6 +148,7 @@ async def open_call(request: web.Request, resp: web.StreamResponse, call: Call, 
 async def stream_sse(request: web.Request, call: Call, *,
                      finished: Callable[[bytes], bool] = ended_well,
                      error_event: Callable[[str], bytes] = sse_codec.error_event_openai,
+                     transform: Callable[[bytes], bytes] | None = None,
                      ) -> web.StreamResponse:
     """`relay_sse` for a call not entered yet: enter it with keep-alive comments while the
     lease waits, relay, close it."""
@@ -163,7 +164,7 @@ async def stream_sse(request: web.Request, call: Call, *,
         return resp
     try:
         return await relay_sse(request, call, finished=finished, error_event=error_event,
-                               resp=resp)
+                               resp=resp, transform=transform)
     finally:
         await call.__aexit__(None, None, None)
 
@@ -171,11 +172,12 @@ async def stream_sse(request: web.Request, call: Call, *,
 async def relay_sse(request: web.Request, call: Call, *,
                     finished: Callable[[bytes], bool] = ended_well,
                     error_event: Callable[[str], bytes] = sse_codec.error_event_openai,
-                    resp: web.StreamResponse | None = None) -> web.StreamResponse:
+                    resp: web.StreamResponse | None = None,
+                    transform: Callable[[bytes], bytes] | None = None) -> web.StreamResponse:
     """Same dialect: relay the engine's SSE bytes untouched; check the stream ended with its
     dialect's last event (`finished`: `[DONE]`, or `"stop": true` on llama.cpp's native
     stream), else end it with `error_event`. `resp`: a stream already started (keep-alives
-    went out while the call was entered)."""
+    went out while the call was entered). `transform`: bytes -> bytes on the way (a rename)."""
     if resp is None:
         resp = web.StreamResponse(status=call.response.status, headers=_SSE_HEADERS)
     if not resp.prepared:
@@ -185,6 +187,10 @@ async def relay_sse(request: web.Request, call: Call, *,
     tail = stats = b""
     try:
         async for chunk in call.chunks():
+            if transform is not None:
+                chunk = transform(chunk)
+                if not chunk:
+                    continue
             await resp.write(chunk)
             tail = _keep_tail(tail, chunk)
             if b'"timings"' in chunk or b'"usage"' in chunk:
@@ -202,10 +208,16 @@ async def relay_sse(request: web.Request, call: Call, *,
     return resp
 
 
-async def relay_body(call: Call) -> web.Response:
-    """Non-streaming same dialect: the engine's body, status and content type untouched."""
+async def relay_body(call: Call, *, rename: str | None = None) -> web.Response:
+    """Non-streaming same dialect: the engine's body, status and content type untouched
+    (`rename`: but a JSON answer's `model` set to that name, the alias the client asked for)."""
     body = await call.read()
     ctype = call.response.headers.get("Content-Type", "application/json")
+    if rename is not None and call.response.status == 200 and ctype.startswith(
+            "application/json"):
+        with contextlib.suppress(ValueError):
+            body = json.dumps(sse_codec.renamed(json.loads(body), rename),
+                              ensure_ascii=False, separators=(",", ":")).encode()
     return web.Response(body=body, status=call.response.status, headers={"Content-Type": ctype})
 
 

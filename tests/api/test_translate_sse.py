@@ -172,3 +172,14 @@ def test_whole_stream_relayed_identically_at_any_split():
     for _ in range(30):
         cuts = sorted(rng.sample(range(1, len(data)), 25))
         assert _strip_time(_relay(cut(data, cuts))) == want
+
+
+def test_model_renamer_sets_the_asked_name_on_every_event_split_anywhere():
+    from routerd.api.translate.sse import ModelRenamer
+    stream = (b'data: {"model":"smollm2","choices":[{"text":"a"}]}\n\n'
+              b': a comment\n\ndata: {"model":"smollm2","choices":[]}\n\ndata: [DONE]\n\n')
+    for cut in range(len(stream)):
+        r = ModelRenamer("smol")
+        out = r.feed(stream[:cut]) + r.feed(stream[cut:])
+        assert out == (b'data: {"model":"smol","choices":[{"text":"a"}]}\n\n'
+                       b'data: {"model":"smol","choices":[]}\n\ndata: [DONE]\n\n')

@@ -87,6 +87,12 @@ def test_openai_alias_answers_with_the_name_asked_for(ai: openai.OpenAI) -> None
     chunks = list(ai.chat.completions.create(model="smol", messages=ASK, max_tokens=4,
                                              stream=True))
     assert {c.model for c in chunks} == {"smol"}
+    # llama-server's completions answer with the engine's own name: routerd renames
+    done = ai.completions.create(model="smol", prompt="Hello", max_tokens=3)
+    assert done.model == "smol"
+    parts = list(ai.completions.create(model="smol", prompt="Hello", max_tokens=3, stream=True))
+    assert parts and {c.model for c in parts} == {"smol"}
+    assert ai.completions.create(model="smollm2", prompt="Hello", max_tokens=2).model == "smollm2"
     assert ai.models.retrieve("smol").id == "smol"
     caps = ai.models.retrieve("smollm2").model_extra["capabilities"]  # type: ignore[index]
     assert "completion" in caps

@@ -94,6 +94,34 @@ def encode_sse(obj: Any) -> bytes:
     return b"data: " + _encode(obj).encode("utf-8", "replace") + b"\n\n"
 
 
+class ModelRenamer:
+    """An OpenAI-style stream re-encoded with each event's `model` set to the name the client
+    asked for (an alias: llama-server's completions answer with their own name)."""
+
+    __slots__ = ("name", "_decoder")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._decoder = SSEDecoder()
+
+    def feed(self, data: bytes) -> bytes:
+        return b"".join(self._event(p) for p in self._decoder.feed(data))
+
+    def _event(self, payload: str) -> bytes:
+        try:
+            obj = json.loads(payload)
+        except ValueError:
+            return encode_sse(payload)  # "[DONE]"
+        return encode_sse(renamed(obj, self.name))
+
+
+def renamed(obj: Any, name: str) -> Any:
+    """`obj` with its `model` field (if it has one) set to `name`."""
+    if isinstance(obj, dict) and "model" in obj:
+        obj["model"] = name
+    return obj
+
+
 def encode_ndjson(obj: Any) -> bytes:
     """One NDJSON line (Ollama streams): compact JSON and a newline."""
     return _encode(obj).encode("utf-8", "replace") + b"\n"
