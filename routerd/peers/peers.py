@@ -124,4 +124,5 @@ class Peers:
                  "error": p.error, "latency_ms": None if p.latency is None
                  else round(p.latency * 1000, 1), "polled_at": p.polled_at,
                  "models": len(p.exposed()), "budget": p.budget,
+                 "loaded": sorted(n for n, r in p.exposed().items() if p.models[r].loaded),
                  "inflight": sum(p.inflight.values())} for p in self.by_name.values()]

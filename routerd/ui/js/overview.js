@@ -19,12 +19,14 @@ export function mount(el, app) {
     host: h("dl", { class: "facts", id: "host" }),
     charts: h("div", { class: "charts", id: "charts" }),
     queue: h("span", { class: "muted", id: "queue" }),
+    peers: h("div", { class: "cards", id: "peers" }),
   };
   el.append(
     h("h1", { text: "Overview" }),
     h("h2", { text: "Memory budgets" }), parts.budgets,
     h("div", { class: "row between" }, h("h2", { text: "Loaded models" }), parts.queue),
     parts.failed, parts.models,
+    parts.peers,
     h("div", { class: "two" },
       h("div", {}, h("h2", { text: "Last hour" }), parts.charts),
       h("div", {}, h("h2", { text: "Host" }), parts.host)),
@@ -66,7 +68,26 @@ function render(app) {
   if (!o) return;
   renderBudgets(o);
   renderModels(o, app);
+  renderPeers(o.peers || []);
   renderHost(o.host);
+}
+
+// Other hosts (routerd/peers/): health, latency, what is loaded there, a routerd peer's budget.
+function renderPeers(peers) {
+  clear(parts.peers);
+  if (!peers.length) return;
+  parts.peers.append(h("h2", { text: "Peers" }));
+  for (const p of peers) {
+    const budget = Object.entries(p.budget || {}).map(([k, v]) => `${k} ${bytes(v)}`).join(", ");
+    parts.peers.append(h("div", { class: "card", dataset: { peer: p.name } },
+      h("div", {}, h("b", { text: p.name }), " ",
+        h("span", { class: `badge state-${p.up ? "ready" : "failed"}`, text: p.up ? "up" : "down" })),
+      h("div", { class: "muted path", text: `${p.kind} · ${p.url}` }),
+      h("div", { text: `${p.models} models · loaded: ${(p.loaded || []).join(", ") || "none"}` }),
+      h("div", { class: "muted", text: [p.latency_ms != null ? `poll ${p.latency_ms} ms` : "",
+        `${p.inflight} in flight`, budget ? `budget ${budget}` : ""].filter(Boolean).join(" · ") }),
+      p.error ? h("div", { class: "muted", text: p.error }) : null));
+  }
 }
 
 function renderBudgets(o) {
