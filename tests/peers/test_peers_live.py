@@ -212,7 +212,12 @@ async def _streams(base: str, n: int, key: str = CLIENT_KEY) -> list[str]:
 
 def test_replicas_on_two_hosts_share_32_streams_and_one_removed_takes_none(hosts: Hosts) -> None:
     base = hosts.a2.base_url
-    tag = _wait_listed(base, "smollm2")
+    deadline = time.monotonic() + 30  # both peers polled at least once
+    while time.monotonic() < deadline:
+        tag = _wait_listed(base, "smollm2")
+        if {p["peer"] for p in tag["routerd"]["peers"]} == {"b", "ls"}:
+            break
+        time.sleep(0.1)
     assert {p["peer"] for p in tag["routerd"]["peers"]} == {"b", "ls"}
     before = _peer_requests(base)
     answers = asyncio.run(_streams(base, 32))

@@ -81,8 +81,13 @@ def test_host_a_serves_host_bs_model_across_the_veth_and_503s_once_b_is_gone(
         assert parts[-1]["done"] and "".join(p["message"]["content"] for p in parts)
         after = b.veth_bytes()
         assert after[0] > before[0] and after[1] > before[1]  # it went through B's veth
-        ps = _request(base + "/api/ps")
-        assert [m["routerd"]["host"] for m in ps["models"]] == [f"http://{b.addr}:11434"]
+        deadline = time.monotonic() + 10  # B's model shows as loaded after A's next poll
+        while time.monotonic() < deadline:
+            hosts_loaded = [m["routerd"]["host"] for m in _request(base + "/api/ps")["models"]]
+            if hosts_loaded:
+                break
+            time.sleep(0.1)
+        assert hosts_loaded == [f"http://{b.addr}:11434"]
         b_proc.send_signal(signal.SIGKILL)
         b_proc.wait(10)
         with pytest.raises(urllib.error.HTTPError) as e:
