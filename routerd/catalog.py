@@ -25,6 +25,8 @@ import structlog
 
 from .config import Config, ModelConfig
 from .errors import ModelNotFound
+from .store.gguf import GGUFError, is_reranker
+from .store.gguf import header as gguf_header
 from .workers.backends import LaunchSpec, resolve_backend
 
 if TYPE_CHECKING:
@@ -64,6 +66,16 @@ def _file_facts(path: str) -> tuple[int, dt.datetime | None]:
     return st.st_size, dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc)
 
 
+def _gguf_reranker(path: str) -> bool:
+    """A reranker GGUF (rank pooling) is started with --reranking (one cached header read)."""
+    if not path.endswith(".gguf"):
+        return False
+    try:
+        return is_reranker(gguf_header(path))
+    except (OSError, GGUFError):
+        return False
+
+
 def entry_from_config(m: ModelConfig, *, store: Any, llama_server: str | None) -> ModelEntry:
     path, source_extra = m.model, {}
     if m.backend != "command" and m.model and not Path(os.path.expanduser(m.model)).exists():
@@ -78,7 +90,8 @@ def entry_from_config(m: ModelConfig, *, store: Any, llama_server: str | None) -
         model=m.name, path=path, backend=resolve_backend(m.backend, path, llama_server),
         ctx_size=m.ctx_size, parallel=m.parallel,
         gpu_layers=None if m.gpu_layers == "auto" else int(m.gpu_layers),
-        embeddings=m.embeddings, args=m.args, command=m.command, gpus=m.gpus, rpc=m.rpc)
+        embeddings=m.embeddings, args=m.args, command=m.command, gpus=m.gpus, rpc=m.rpc,
+        rerank=_gguf_reranker(path) if m.rerank is None else m.rerank)
     return ModelEntry(
         name=m.name, launch=launch, source="config", keep_alive=m.keep_alive,
         aliases=m.aliases, options=source_extra.get("options", m.options),
@@ -94,7 +107,8 @@ def entry_from_store(sm: Any, *, llama_server: str | None,
         model=sm.name, path=str(sm.gguf_path),
         backend=resolve_backend("auto", str(sm.gguf_path), llama_server),
         ctx_size=int(num_ctx) if isinstance(num_ctx, int) and num_ctx > 0 else ctx_size,
-        projector=str(sm.projector_path) if sm.projector_path else None)
+        projector=str(sm.projector_path) if sm.projector_path else None,
+        rerank=_gguf_reranker(str(sm.gguf_path)))
     return ModelEntry(
         name=sm.name, launch=launch, source="ollama" if sm.readonly else "store",
         options=params, system=sm.system, template=sm.template, digest=sm.digest,

@@ -236,6 +236,14 @@ class _Header:
             raise GGUFError("array runs past the end of the file")
 
 
+POOLING_RANK = 4  # llama.cpp's LLAMA_POOLING_TYPE_RANK: a reranker's classification head
+
+
+def is_reranker(info: GGUFInfo) -> bool:
+    """Whether the GGUF says it is a reranker (`<arch>.pooling_type` is rank)."""
+    return info.metadata.get(f"{info.architecture}.pooling_type") == POOLING_RANK
+
+
 def is_gguf(path: str | Path, offset: int = 0) -> bool:
     """True when the file starts (at offset) with the GGUF magic."""
     try:

@@ -62,11 +62,13 @@ class LaunchSpec:
     slot_save_path: str | None = None
     threads: int | None = None
     rpc: tuple[str, ...] = ()  # llama.cpp rpc-servers ("host:port"): llama-server --rpc
+    rerank: bool = False  # llama-server --reranking (rank pooling: /v1/rerank, no embeddings)
 
     def identity(self) -> tuple:
         """What, if changed, means the worker must be restarted (config reload)."""
         return (self.path, self.backend, self.ctx_size, self.parallel, self.gpu_layers,
-                self.embeddings, self.args, self.command, self.projector, self.gpus, self.rpc)
+                self.embeddings, self.args, self.command, self.projector, self.gpus, self.rpc,
+                self.rerank)
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,9 @@ def _server_flags(spec: LaunchSpec, host: str, port: int, *,
         flags += ["--rpc", ",".join(spec.rpc)]
     if modern and spec.slot_save_path:
         flags += ["--slot-save-path", spec.slot_save_path]
-    if spec.embeddings:
+    if spec.rerank:  # rank pooling; it serves /v1/rerank instead of mean-pooled embeddings
+        flags += ["--reranking"]
+    elif spec.embeddings:
         flags += ["--embedding", "--pooling", "mean"]
     if spec.projector:
         flags += ["--mmproj", spec.projector]
