@@ -184,8 +184,12 @@ def test_llama_server_and_openai_kind_peers_serve_an_ollama_client(hosts: Hosts)
 
     base = hosts.a2.base_url
     ol = ollama.Client(host=base, headers={"Authorization": f"Bearer {CLIENT_KEY}"})
+    deadline = time.monotonic() + 30  # every peer polled once
+    while time.monotonic() < deadline:
+        if all(p["up"] for p in json.loads(_get(base, "/api/ps"))["routerd"]["peers"]):
+            break
+        time.sleep(0.1)
     for name in ("ls/smollm2", "oa-smollm2"):
-        _wait_listed(base, name if "/" not in name else "oa-smollm2")
         parts = list(ol.chat(model=name, messages=HI, stream=True, options={"num_predict": 8}))
         assert parts[-1]["done"], name
         assert "".join(p["message"]["content"] for p in parts), name
