@@ -23,6 +23,7 @@ from .streaming import relay_translated
 from .translate import ollama as tx
 from .translate import ollama_response as rx
 from .translate.ollama_stream import ChatStream, GenerateStream
+from .translate.fields import get_bool
 from .translate.sse import encode_ndjson
 
 CHAT_PATH = "/v1/chat/completions"
@@ -131,6 +132,10 @@ async def _embed(request: web.Request, *, legacy: bool) -> web.Response:
         check_keep_alive(request, keep_alive)
         await request.app[keys.SCHEDULER].load(name, keep_alive=keep_alive)
         return jresp({"embedding": []} if legacy else {"model": name, "embeddings": []})
+    if not legacy:  # Ollama's `truncate` (default true): cut each input to what fits, or 400
+        payload["input"] = await _fit_inputs(request, name, payload["input"],
+                                             truncate=get_bool(body, "truncate", True),
+                                             keep_alive=keep_alive)
     async with engine_call(request, name, "/v1/embeddings", body=json.dumps(payload).encode(),
                            keep_alive=keep_alive) as call:
         answer = await call.json()
@@ -139,6 +144,35 @@ async def _embed(request: web.Request, *, legacy: bool) -> web.Response:
         return jresp(rx.embed_response(answer, name, load_ns=call.load_ns,
                                        total_ns=call.total_ns(),
                                        dimensions=payload.get("dimensions")))
+
+
+async def _fit_inputs(request: web.Request, name: str, inputs: list[str], *, truncate: bool,
+                      keep_alive: float | None) -> list[Any]:
+    """Each embed input that fits one engine batch as it is; a longer one cut to its first
+    `limit` tokens (sent as token ids) when `truncate`, else a 400 naming both sizes. Only
+    inputs whose bytes could exceed the limit are tokenized (a token is at least one byte)."""
+    entry = request.app[keys.CATALOG].resolve(name)
+    limit = tx.embed_token_limit(entry.launch)
+    if limit is None:  # an engine routerd does not know the limits of: it decides
+        return inputs
+    out: list[Any] = []
+    for text in inputs:
+        if len(text.encode()) + 4 <= limit:  # BOS/EOS included
+            out.append(text)
+            continue
+        async with engine_call(request, name, "/tokenize", keep_alive=keep_alive,
+                               body=json.dumps({"content": text,
+                                                "add_special": True}).encode()) as call:
+            tokens = (await call.json()).get("tokens") or []
+        if len(tokens) <= limit:
+            out.append(text)
+        elif truncate:
+            out.append(tokens[:limit])
+        else:
+            raise BadRequest(f"input length ({len(tokens)} tokens) exceeds the model's "
+                             f"context length ({limit} tokens); send \"truncate\": true "
+                             "to cut it")
+    return out
 
 
 def add_routes(app: web.Application) -> None:

@@ -391,3 +391,16 @@ def test_legacy_embeddings_prompt():
         "input": ["hi"], "encoding_format": "float", "model": "e"}
     assert embeddings_request({"model": "e"})["input"] == []
     bad(embeddings_request, {"prompt": ["hi"]}, match=r'"prompt" must be a string, got array')
+
+
+def test_embed_token_limit_is_the_batch_or_the_slot_context():
+    from routerd.api.translate.ollama import embed_token_limit
+    from routerd.workers.backends import LaunchSpec
+
+    def spec(**kw):
+        return LaunchSpec(model="m", path="m.gguf", backend=kw.pop("backend", "llama-server"),
+                          **kw)
+    assert embed_token_limit(spec(ctx_size=4096, parallel=2)) == 512
+    assert embed_token_limit(spec(ctx_size=4096, args=("-ub", "2048"))) == 2048
+    assert embed_token_limit(spec(ctx_size=1024, parallel=4, args=("--ubatch-size=4096",))) == 256
+    assert embed_token_limit(spec(backend="llama-cpp-python")) is None

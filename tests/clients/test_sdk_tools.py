@@ -121,6 +121,21 @@ def test_ollama_capabilities_are_honest(oc: ollama.Client) -> None:
     assert e.value.status_code == 400 and e.value.error == '"smollm2" does not support thinking'
 
 
+def test_ollama_embed_truncates_unless_told_not_to(daemon: Daemon, oc: ollama.Client) -> None:
+    long = "word " * 3000  # past llama-server's 512-token batch for one embedding input
+    whole = oc.embed(model="smollm2", input=[long, "short"])  # Ollama's default: truncate
+    assert len(whole.embeddings) == 2 and all(len(v) > 0 for v in whole.embeddings)
+    tokens = daemon.post("/tokenize", {"model": "smollm2", "content": long,
+                                       "add_special": True})["tokens"]
+    cut = daemon.post("/v1/embeddings", {"model": "smollm2", "input": [tokens[:512]]})
+    first = cut["data"][0]["embedding"]
+    norm = sum(x * x for x in first) ** 0.5
+    assert max(abs(a - b / norm) for a, b in zip(whole.embeddings[0], first)) < 1e-4
+    with pytest.raises(ollama.ResponseError) as e:
+        oc.embed(model="smollm2", input=long, truncate=False)
+    assert e.value.status_code == 400 and "512 tokens" in e.value.error
+
+
 def test_prompt_longer_than_context_is_an_error(daemon: Daemon, ai: openai.OpenAI) -> None:
     long = "word " * 3000  # the daemon's models have ctx_size 2048
     for model in BACKENDS:

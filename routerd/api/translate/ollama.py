@@ -7,8 +7,8 @@ Request options override default options; the default system prompt is used only
 conversation has no system message (chat) or the request has no `system` (generate).
 
 Not translated: `keep_alive` (the caller's), `template` (the engine applies the model's own
-chat template), `context` (deprecated in Ollama), `truncate` on embed (llama-server has no
-per-request switch: it truncates to the context or fails); `logprobs` on raw and suffix
+chat template), `context` (deprecated in Ollama), `truncate` on embed (the handler
+applies it: `embed_token_limit`); `logprobs` on raw and suffix
 generation (only the chat path carries them).
 The responses and streams live in `ollama_response.py` and `ollama_stream.py`.
 """
@@ -142,6 +142,24 @@ def embed_request(body: Mapping[str, Any]) -> dict[str, Any]:
         out["dimensions"] = dims
     _model(body, out)
     return out
+
+
+EMBED_UBATCH = 512  # llama-server's default physical batch: one embedding input must fit it
+
+
+def embed_token_limit(launch: Any) -> int | None:
+    """The tokens one embedding input may have on this engine: its slot's context and its
+    physical batch (`-ub`/`--ubatch-size` in the model's args, else llama-server's 512).
+    None where routerd does not start llama-server (its own engine, a command, a peer)."""
+    if launch.backend not in ("llama-server", "llamafile"):
+        return None
+    ubatch, args = EMBED_UBATCH, list(launch.args)
+    for i, a in enumerate(args):
+        value = args[i + 1] if a in ("-ub", "--ubatch-size") and i + 1 < len(args) else (
+            a.split("=", 1)[1] if a.startswith("--ubatch-size=") else None)
+        if value is not None and value.isdigit():
+            ubatch = int(value)
+    return min(ubatch, max(launch.ctx_size // max(launch.parallel, 1), 1))
 
 
 def embeddings_request(body: Mapping[str, Any]) -> dict[str, Any]:
