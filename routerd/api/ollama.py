@@ -16,7 +16,7 @@ from ..catalog import with_load_options
 from ..errors import BadRequest
 from ..bodies import stream_flag
 from ..scheduler.accounting import read_info
-from . import capabilities
+from . import capabilities, chatbridge
 from .common import (PERMISSION_CHECK, add_route, check_keep_alive, engine_call,
                      keep_alive_field, jresp, model_field, note_request, read_json)
 from .streaming import relay_translated
@@ -99,6 +99,8 @@ async def _infer(request: web.Request, body: dict[str, Any], *, chat: bool,
     else:
         path, payload = tx.generate_request(body, entry.defaults)
     payload["model"] = entry.name
+    if chat and get_bool(body, "truncate", False):  # asked for: drop the oldest history
+        payload["messages"] = await _fit_history(request, name, entry, payload)
     data = json.dumps(payload).encode()
     async with engine_call(request, name, path, body=data, keep_alive=keep_alive,
                            entry=entry, stream=stream) as call:
@@ -109,6 +111,30 @@ async def _infer(request: web.Request, body: dict[str, Any], *, chat: bool,
         fold = rx.chat_response if chat else rx.generate_response
         return _counted(request, fold(answer, name, load_ns=call.load_ns,
                                       total_ns=call.total_ns()))
+
+
+async def _fit_history(request: web.Request, name: str, entry: Any,
+                       payload: dict[str, Any]) -> list[Any]:
+    """Ollama's `truncate: true` on /api/chat: the oldest messages that are neither system
+    messages nor the last one are dropped until the prompt (counted by the engine, as it
+    templates it) leaves room to answer in the slot's context. Without it, a prompt too long is
+    the engine's 400."""
+    slot = max(entry.launch.ctx_size // max(entry.launch.parallel, 1), 1)
+    wanted = payload.get("max_tokens")
+    reserve = min(wanted if isinstance(wanted, int) and wanted > 0 else 256, slot // 2)
+    messages = list(payload.get("messages") or [])
+    n = 0
+    for _ in range(len(messages) + 1):  # one message fewer per round
+        n = await chatbridge.count_tokens(request, name, {**payload, "messages": messages})
+        if n + reserve <= slot:
+            return messages
+        oldest = next((i for i, m in enumerate(messages[:-1])
+                       if not (isinstance(m, dict) and m.get("role") == "system")), None)
+        if oldest is None:
+            break
+        del messages[oldest]
+    raise BadRequest(f"the prompt ({n} tokens) does not fit the model's context ({slot} tokens "
+                     f"per slot, {reserve} kept to answer) even with the history truncated")
 
 
 async def embed(request: web.Request) -> web.Response:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import jsonschema
+import httpx
 import ollama
 import openai
 import pytest
@@ -134,6 +135,24 @@ def test_ollama_embed_truncates_unless_told_not_to(daemon: Daemon, oc: ollama.Cl
     with pytest.raises(ollama.ResponseError) as e:
         oc.embed(model="smollm2", input=long, truncate=False)
     assert e.value.status_code == 400 and "512 tokens" in e.value.error
+
+
+def test_ollama_chat_truncate_drops_the_oldest_history(daemon: Daemon) -> None:
+    # the daemon's smollm2: ctx_size 2048 over 2 slots = 1024 tokens per slot. The ollama
+    # SDK has no `truncate` on chat: the body as Ollama's API documents it, sent raw
+    old = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"note {i}: " + "cat " * 250}
+           for i in range(6)]
+    body = {"model": "smollm2", "stream": False, "options": {"num_predict": 4, "temperature": 0},
+            "messages": [{"role": "system", "content": "You are brief."}, *old,
+                         {"role": "user", "content": "Say hello."}]}
+    r = httpx.post(daemon.base_url + "/api/chat", json=body, timeout=120)
+    assert r.status_code == 400 and "context" in r.json()["error"]  # the default: never a cut
+    r = httpx.post(daemon.base_url + "/api/chat", json={**body, "truncate": True}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert 0 < r.json()["prompt_eval_count"] <= 1024 - 4
+    r = httpx.post(daemon.base_url + "/api/chat", timeout=120, json={
+        **body, "truncate": True, "messages": [{"role": "user", "content": "cat " * 3000}]})
+    assert r.status_code == 400 and "even with the history truncated" in r.json()["error"]
 
 
 def test_prompt_longer_than_context_is_an_error(daemon: Daemon, ai: openai.OpenAI) -> None:
