@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Generic, Mapping, Protocol, TypeVar
 import aiohttp
 import structlog
 
-from .errors import EngineRejected, RouterdError, UpstreamError
+from .errors import EngineRejected, RouterdError, UpstreamError, UpstreamUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -305,6 +305,10 @@ async def engine_error(resp: aiohttp.ClientResponse, name: str) -> RouterdError:
         data = json.loads(text)
         err = data.get("error", data)
         message = err.get("message", text) if isinstance(err, dict) else str(err)
+    if resp.status in (429, 503):  # busy or loading (a peer's queue, llama-server loading)
+        after = resp.headers.get("Retry-After", "")
+        return UpstreamUnavailable(f"engine busy for {name!r}: {message}",
+                                   retry_after=int(after) if after.isdigit() else 1)
     if resp.status >= 500:
         return UpstreamError(f"engine error for {name!r}: {message}")
     return EngineRejected(message, status=resp.status)

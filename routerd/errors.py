@@ -141,6 +141,16 @@ class UpstreamError(RouterdError):
     type = "server_error"
 
 
+class UpstreamUnavailable(UpstreamError):
+    """The engine (or a peer) said it cannot take the request now (503, 429): retry later."""
+
+    status = 503
+    code = "upstream_unavailable"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
 class ShuttingDown(RouterdError):
     status = 503
     code = "shutting_down"

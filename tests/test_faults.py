@@ -314,6 +314,20 @@ async def test_retried_only_once(daemons: Callable[..., Daemon],
     await wait_for(lambda: len(log_events(d, "worker.crashed")) == 2, 5, "both attempts seen")
 
 
+async def test_an_engine_that_says_busy_is_a_503_with_its_retry_after(
+        daemons: Callable[..., Daemon], http: aiohttp.ClientSession) -> None:
+    # a peer's full queue (or llama-server still loading) is "retry later", not a bad gateway
+    d = daemons({"busy": fake_model("--busy-requests")})
+    for path, body in (("/api/generate", {"model": "busy", "prompt": "hi", "stream": False}),
+                       ("/v1/chat/completions", {"model": "busy", "messages": [
+                           {"role": "user", "content": "hi"}]})):
+        async with http.post(d.base_url + path, json=body) as r:
+            assert r.status == 503, await r.text()
+            assert r.headers["Retry-After"] == "7"
+            assert "all slots busy" in await r.text()
+    assert not log_events(d, "worker.crashed")
+
+
 # ---------------------------------------------------------------- hung workers
 
 

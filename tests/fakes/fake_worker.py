@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crash-at-token", type=int, default=None)
     p.add_argument("--hang-after-ready", type=float, default=None)
     p.add_argument("--hang-requests", action="store_true")
+    p.add_argument("--busy-requests", action="store_true")  # 503 + Retry-After: 7 (a busy peer)
     p.add_argument("--ignore-sigterm", action="store_true")
     p.add_argument("--fail-health", action="store_true")
     p.add_argument("--rss-mb", type=int, default=0)
@@ -136,6 +137,9 @@ def make_app(worker: Worker) -> web.Application:
         print(f"request {request.method} {request.path}", file=sys.stderr, flush=True)
         if worker.hung() or (worker.args.hang_requests and request.path in GENERATION_PATHS):
             await hang_forever()
+        if worker.args.busy_requests and request.path in GENERATION_PATHS:
+            return web.json_response(error_body(503, "all slots busy", "unavailable_error"),
+                                     status=503, headers={"Retry-After": "7"})
         if request.path != "/health":
             key = worker.args.api_key
             if key and request.headers.get("Authorization") != f"Bearer {key}":
