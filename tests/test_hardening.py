@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -412,3 +413,23 @@ def test_the_body_reader_refuses_what_no_engine_parses() -> None:
             parse_object(raw)
     assert parse_object(b'{"seed": 18446744073709551615, "t": 0.5}') == {
         "seed": 18446744073709551615, "t": 0.5}
+
+
+def test_the_cli_sends_routerd_api_key(keyed: Daemon) -> None:
+    import subprocess
+
+    routerd = str(Path(sys.executable).parent / "routerd")
+
+    def run(*args: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "ROUTERD_API_KEY"}
+        env["ROUTERD_HOST"] = keyed.base_url
+        if key is not None:
+            env["ROUTERD_API_KEY"] = key
+        return subprocess.run([routerd, *args], capture_output=True, text=True, env=env,
+                              timeout=60, stdin=subprocess.DEVNULL)
+
+    refused = run("list")
+    assert refused.returncode == 1 and "Error" in refused.stderr
+    listed = run("list", key=ADMIN)
+    assert listed.returncode == 0 and "NAME" in listed.stdout, listed.stderr
+    assert run("ps", key=ADMIN).returncode == 0

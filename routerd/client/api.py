@@ -83,7 +83,9 @@ def error_message(status: int, text: str) -> str:
 @asynccontextmanager
 async def _session() -> AsyncIterator[aiohttp.ClientSession]:
     timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    key = os.environ.get("ROUTERD_API_KEY", "").strip()  # a daemon that requires keys
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
         yield session
 
 
