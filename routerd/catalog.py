@@ -51,6 +51,10 @@ class ModelEntry:
     modified_at: dt.datetime | None = None
     location: str = ""  # where it came from, for messages and `list --sources`
     license: str | None = None
+    # Local replicas (`replicas: N`): the first entry lists its siblings' names
+    # ("<name>#2".."#N"); each sibling names the model it is a copy of and is not listed.
+    replicas: tuple[str, ...] = ()
+    replica_of: str = ""
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -126,6 +130,20 @@ def _renamed(e: ModelEntry, taken: Mapping[str, str]) -> ModelEntry:
             return replace(e, name=name, aliases=(),
                            launch=replace(e.launch, model=name))
     raise RuntimeError(f"no free name for {e.name}")
+
+
+def with_replicas(entry: ModelEntry, count: int) -> list[ModelEntry]:
+    """`entry` and its `count - 1` local copies: each its own engine, runner and memory
+    booking, named "<name>#<i>" (the engine still answers as `<name>`). peers/router.py
+    spreads requests over them (and over peers serving the name)."""
+    from dataclasses import replace
+
+    if count <= 1:
+        return [entry]
+    names = tuple(f"{entry.name}#{i}" for i in range(2, count + 1))
+    copies = [replace(entry, name=n, aliases=(), replicas=(), replica_of=entry.name)
+              for n in names]
+    return [replace(entry, replicas=names), *copies]
 
 
 def with_load_options(entry: ModelEntry, options: Mapping[str, Any]) -> ModelEntry:
@@ -241,7 +259,10 @@ class Catalog:
                 names.setdefault(k, e.name)
 
         for m in self.config.models.values():
-            add(entry_from_config(m, store=self.store, llama_server=self.llama_server))
+            for e in with_replicas(entry_from_config(m, store=self.store,
+                                                     llama_server=self.llama_server),
+                                   m.replicas):
+                add(e)
         if self.store is not None:
             for sm in self.store.list_models():
                 add(entry_from_store(sm, llama_server=self.llama_server))

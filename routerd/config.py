@@ -225,6 +225,7 @@ class ModelConfig:
     system: str | None = None
     embeddings: bool = True
     rerank: bool | None = None  # serve /v1/rerank (llama-server --reranking); None = the GGUF says
+    replicas: int = 1  # local engines serving this name (e.g. one per GPU), each booked
     keep_cache: bool = True  # save its prompt cache (llama-server slots) across swaps
     gpus: tuple[int, ...] | None = None  # `gpu: N` or `gpus: [..]` pins; None = any GPU
     rpc: tuple[str, ...] = ()  # llama.cpp rpc-servers ("host:port") its layers go to
@@ -383,6 +384,7 @@ def _parse_model(name: str, data: Any, file: str | None,
             system=r.get("system", str, None),
             embeddings=r.get("embeddings", bool, ModelConfig.embeddings),
             rerank=r.get("rerank", bool, None),
+            replicas=r.positive_int("replicas", ModelConfig.replicas),
             keep_cache=r.get("keep_cache", bool, ModelConfig.keep_cache),
             gpus=pinned,
             rpc=_parse_rpc(r, backend, rpc_pool),

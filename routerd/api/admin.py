@@ -63,8 +63,8 @@ async def tags(request: web.Request) -> web.Response:
     await catalog.refresh_async()
     models = []
     for e in catalog.entries():
-        if not model_visible(request, e.name):
-            continue
+        if e.replica_of or not model_visible(request, e.name):
+            continue  # a local replica is listed as its model (its engine in /api/ps)
         tag = _tag(e)
         models.append(tag)
         for alias in e.aliases:  # every configured model by name and by alias

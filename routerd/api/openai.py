@@ -67,7 +67,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 async def models(request: web.Request) -> web.Response:
     data = []
     for e in request.app[keys.CATALOG].entries():
-        if not model_visible(request, e.name):
+        if e.replica_of or not model_visible(request, e.name):
             continue
         created = int(e.modified_at.timestamp()) if e.modified_at else 0
         data.append({"id": e.name, "object": "model", "created": created,

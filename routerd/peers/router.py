@@ -88,6 +88,10 @@ class PeerTarget:
         return None
 
 
+def _local_key(i: int) -> str:
+    return "local" if i == 0 else f"local#{i + 1}"
+
+
 class Router:
     """dispatch.Placement over the scheduler and the peers."""
 
@@ -102,21 +106,37 @@ class Router:
                       entry: Any = None) -> Runner | PeerTarget:
         offers = self.peers.offers(entry.name if entry is not None else name) \
             if self.peers.by_name else []
-        if not offers:
+        copies = self._copies(name, entry)
+        if not offers and len(copies) <= 1:
             return await self.scheduler.acquire(name, keep_alive=keep_alive, entry=entry)
         entry = entry or self.scheduler.catalog.resolve(name)
         local = not entry.source.startswith("peer")
         up = [o for o in offers if o.peer.up]
         places = [self._peer_place(o) for o in up]
         if local:
-            places.append(self._local_place(entry))
+            copies = copies or [entry]
+            places += [self._local_place(c, _local_key(i)) for i, c in enumerate(copies)]
         choice = replicas.choose(places)
         if choice is None:
             raise self._down(name, offers)
         if choice.local:
-            return await self.scheduler.acquire(name, keep_alive=keep_alive, entry=entry)
+            chosen = copies[[_local_key(i) for i in range(len(copies))].index(choice.key)]
+            if chosen is copies[0]:
+                return await self.scheduler.acquire(name, keep_alive=keep_alive, entry=entry)
+            return await self.scheduler.acquire(chosen.name, keep_alive=keep_alive,
+                                                entry=chosen)
         offer = next(o for o in up if o.peer.name == choice.key)
         return self._lease(offer, name)
+
+    def _copies(self, name: str, entry: ModelEntry | None) -> list[ModelEntry]:
+        """The local engines for a name: the model and its `replicas:` copies ([] or one when
+        it has none). A request with its own load options (Ollama num_ctx) gets the model
+        only: a copy is started with the model's configured options."""
+        catalog = self.scheduler.catalog
+        main = catalog.get(entry.name if entry is not None else name)
+        if main is None or not main.replicas or (entry is not None and entry is not main):
+            return []
+        return [main, *(c for c in map(catalog.get, main.replicas) if c is not None)]
 
     def _lease(self, offer: Offer, name: str) -> PeerTarget:
         peer = offer.peer
@@ -153,12 +173,12 @@ class Router:
             inflight=o.peer.inflight.get(o.remote, 0),
             fits=bool(m.size and o.peer.free >= m.size), weight=o.peer.config.weight)
 
-    def _local_place(self, entry: ModelEntry) -> replicas.Place:
+    def _local_place(self, entry: ModelEntry, key: str = "local") -> replicas.Place:
         s = self.scheduler
         runner = s.runners.get(entry.name)
         loaded = runner is not None and runner.state.value in (ModelState.READY,
                                                                 ModelState.LOADING)
-        return replicas.Place("local", local=True, loaded=loaded,
+        return replicas.Place(key, local=True, loaded=loaded,
                               slots=entry.launch.parallel,
                               inflight=runner.refs if runner is not None else 0,
                               fits=not loaded and self._local_fits(entry))
