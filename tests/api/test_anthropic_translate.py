@@ -86,7 +86,7 @@ def test_stream_thinking_and_errors() -> None:
 
 @pytest.mark.parametrize("bad,match", [
     ({"max_tokens": None}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"),
-    ({"messages": []}, "messages"), ({"messages": [{"role": "system", "content": "x"}]}, "role"),
+    ({"messages": []}, "messages"), ({"messages": [{"role": "tool", "content": "x"}]}, "role"),
     ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "audio"),
     ({"tool_choice": {"type": "sometimes"}}, "tool_choice"),
     ({"tools": [{"name": "x"}]}, "input_schema"), ({"temperature": "hot"}, "temperature"),
@@ -227,3 +227,27 @@ def test_error_event_shape() -> None:
         ("error", {"type": "error", "error": {"type": "api_error", "message": "engine died"}})]
     assert at.error_object("not_found_error", "no") == {
         "type": "error", "error": {"type": "not_found_error", "message": "no"}}
+
+
+def test_a_system_role_message_is_folded_into_the_one_system_message():
+    # Claude Code 2.1 sends context as {"role": "system"} inside `messages` (recorded, cut
+    # down: tests/api/payloads/claude_code_2_1.json)
+    out = at.count_request({"system": [{"type": "text", "text": "You are an agent."}],
+                         "messages": [{"role": "user", "content": "Say hello."},
+                                      {"role": "system", "content": "Agent types: claude."},
+                                      {"role": "system", "content": [
+                                          {"type": "text", "text": "More context."}]}]})
+    assert out["messages"] == [
+        {"role": "system", "content": "You are an agent.\n\nAgent types: claude.\n\nMore context."},
+        {"role": "user", "content": "Say hello."}]
+
+
+def test_claude_code_first_request_translates():
+    # recorded from Claude Code 2.1.197 (`claude -p "Say hello."`), texts cut
+    from pathlib import Path
+    body = json.loads((Path(__file__).parent / "payloads/claude_code_2_1.json").read_text())
+    out = at.messages_request(body)
+    roles = [m["role"] for m in out["messages"]]
+    assert roles[0] == "system" and "system" not in roles[1:]
+    assert {t["function"]["name"] for t in out.get("tools", [])} == {"Bash", "Read"}
+    assert out["max_tokens"] == body["max_tokens"] and out["stream"] is True

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from routerd.api.translate.fields import get_bool, get_list, get_str, json_type, require_object
+from routerd.api.translate.tools import system_first
 from routerd.errors import BadRequest
 
 __all__ = ["PING", "MessageStream", "count_request", "encode_event", "error_event", "error_object", "error_type",
@@ -99,7 +100,8 @@ def count_request(body: Mapping[str, Any]) -> dict[str, Any]:
         raise BadRequest("messages: at least one message is required")
     for i, m in enumerate(raw):
         messages.extend(_message(m, i))
-    out: dict[str, Any] = {"messages": messages}
+    # one system message, first: the chat templates of most models accept no other
+    out: dict[str, Any] = {"messages": system_first(messages)}
     tools = [_tool(t, i) for i, t in enumerate(get_list(body, "tools"))]
     tools = [t for t in tools if t is not None]
     choice = _tool_choice(body.get("tool_choice"), bool(tools))
@@ -134,8 +136,11 @@ def _message(m: Any, i: int) -> list[dict[str, Any]]:
     if not isinstance(m, dict):
         raise BadRequest(f"{where}: must be an object, got {json_type(m)}")
     role = m.get("role")
+    if role == "system":  # Claude Code 2.1 sends context this way (a string or text blocks)
+        return [{"role": "system", "content": _system(m.get("content"))}]
     if role not in ("user", "assistant"):
-        raise BadRequest(f'{where}.role: must be "user" or "assistant", got {role!r}')
+        raise BadRequest(f'{where}.role: must be "user", "assistant" or "system", '
+                         f'got {role!r}')
     content = m.get("content")
     if isinstance(content, str):
         return [{"role": role, "content": content}]

@@ -28,7 +28,7 @@ from routerd.api.translate.fields import json_type
 from routerd.errors import BadRequest
 
 __all__ = ["ToolForce", "enforce", "forced_choice", "forced_reply", "new_call_id",
-           "reply_chunks", "tool_schema"]
+           "reply_chunks", "system_first", "tool_schema"]
 
 _COMPACT = (",", ":")
 
@@ -122,13 +122,13 @@ def enforce(body: Mapping[str, Any], force: ToolForce) -> dict[str, Any]:
            if k not in ("tools", "tool_choice", "parallel_tool_calls", "response_format")}
     messages = list(body.get("messages") or [])
     messages.append({"role": "system", "content": force.instruction})
-    out["messages"] = _system_first(messages)
+    out["messages"] = system_first(messages)
     out["response_format"] = {"type": "json_schema",
                               "json_schema": {"name": "tool_call", "schema": force.schema}}
     return out
 
 
-def _system_first(messages: list[Any]) -> list[Any]:
+def system_first(messages: list[Any]) -> list[Any]:
     """Fold every system message into one, first: many chat templates accept no other."""
     systems = [m for m in messages if isinstance(m, dict) and m.get("role") == "system"]
     if len(systems) <= 1 and (not systems or messages[0] is systems[0]):
