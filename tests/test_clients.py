@@ -162,6 +162,27 @@ def test_cli_client_commands(daemon: Daemon) -> None:
     assert r.returncode == 1 and "Error" in r.stderr
 
 
+def test_llama_cpp_native_surface_routed_by_model(daemon: Daemon) -> None:
+    import httpx
+
+    # SmolLM2 has no fill-in-the-middle tokens: the engine's own refusal comes through
+    r = httpx.post(daemon.base_url + "/infill", timeout=60, json={
+        "model": "smollm2", "input_prefix": "def add(a, b):\n    ", "input_suffix": "\n",
+        "n_predict": 4})
+    assert r.status_code == 502 and "Infill is not supported" in r.json()["error"]["message"]
+    prompt = daemon.post("/apply-template", {"model": "smollm2", "messages": [
+        {"role": "user", "content": "Hi"}]})["prompt"]
+    assert "Hi" in prompt and "<|im_start|>" in prompt
+    vec = daemon.post("/embedding", {"model": "smollm2", "content": "Hello"})
+    assert vec and vec[0]["embedding"]
+    assert daemon.post("/embeddings", {"model": "smollm2", "input": "Hello"})
+    slots = daemon.get("/slots?model=smollm2")
+    assert isinstance(slots, list) and len(slots) == 2  # the daemon's parallel: 2
+    assert daemon.get("/lora-adapters?model=smollm2") == []
+    saved = daemon.post("/slots/0?action=erase&model=smollm2", {})  # the test daemon: no keys
+    assert saved.get("id_slot") == 0
+
+
 @pytest.mark.parametrize("model", BACKENDS)
 def test_native_endpoints(daemon: Daemon, model: str) -> None:
     toks = daemon.post(f"/tokenize?model={model}", {"content": "Hello world"})["tokens"]

@@ -433,3 +433,17 @@ def test_the_cli_sends_routerd_api_key(keyed: Daemon) -> None:
     listed = run("list", key=ADMIN)
     assert listed.returncode == 0 and "NAME" in listed.stdout, listed.stderr
     assert run("ps", key=ADMIN).returncode == 0
+
+
+async def test_engine_state_routes_are_an_admins_reads_are_anyones(
+        keyed: Daemon, http: aiohttp.ClientSession) -> None:  # noqa: F811
+    status, _ = await call(http, keyed, "GET", "/slots?model=a", ALICE)
+    assert status == 200  # reading the slots: any key allowed the model
+    for method, path, body in (("POST", "/slots/0?action=erase&model=a", None),
+                               ("POST", "/lora-adapters?model=a", [{"id": 0, "scale": 0}])):
+        status, answer = await call(http, keyed, method, path, ALICE, body)
+        assert status == 403, (path, answer)  # changes it for everyone: an admin's
+        status, answer = await call(http, keyed, method, path, ADMIN, body)
+        assert status != 403, (path, answer)  # through to the engine (the fake has neither)
+    status, answer = await call(http, keyed, "POST", "/slots/0?action=wipe&model=a", ADMIN)
+    assert status == 400 and "action" in answer["error"]["message"]

@@ -39,7 +39,7 @@ class Dialects:
     by_resource: dict[web.AbstractResource, str] = field(default_factory=dict)
     by_path: dict[str, str] = field(default_factory=dict)
     by_prefix: dict[str, str] = field(default_factory=dict)
-    admin: set[web.AbstractResource] = field(default_factory=set)
+    admin: set[tuple[web.AbstractResource, str]] = field(default_factory=set)
     inference: set[web.AbstractResource] = field(default_factory=set)
 
     def of(self, request: web.Request) -> str:
@@ -52,7 +52,10 @@ class Dialects:
         return self.by_path.get(path) or self.by_prefix.get(_first_segment(path), "ollama")
 
     def admin_only(self, request: web.Request) -> bool:
-        return _resource(request) in self.admin
+        """By resource and method: GET /lora-adapters is anyone's, POST is an admin's."""
+        resource = _resource(request)
+        method = "GET" if request.method == "HEAD" else request.method
+        return (resource, method) in self.admin or (resource, "*") in self.admin
 
     def is_inference(self, request: web.Request) -> bool:
         return _resource(request) in self.inference
@@ -91,7 +94,7 @@ def add_route(app: web.Application, method: str, path: str, handler: Handler, *,
     assert resource is not None
     table.by_resource[resource] = dialect
     if admin:
-        table.admin.add(resource)
+        table.admin.add((resource, method))
     if inference:
         table.inference.add(resource)
     if "{" not in path:

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from .. import keys
 from ..bodies import parse_object
+from ..errors import BadRequest
 from .common import add_route, engine_call, keep_alive_field, model_field, note_request, jresp
 from .security import upstream_path
 from .streaming import ended_well, relay_body, relay_sse, stream_sse
@@ -75,6 +76,24 @@ async def lora_adapters(request: web.Request) -> web.StreamResponse:
     return await _native(request, "/lora-adapters")
 
 
+async def slot_action(request: web.Request) -> web.StreamResponse:
+    """POST /slots/{id}?action=save|restore|erase&model=NAME: changes the engine's state, so
+    admin only (saved files land in the engine's --slot-save-path)."""
+    action = request.query.get("action")
+    if action not in ("save", "restore", "erase"):
+        raise BadRequest('action must be "save", "restore" or "erase" (?action=...)')
+    slot = request.match_info["id"]
+    if not slot.isdigit():
+        raise BadRequest("the slot id must be a number")
+    raw = await request.read() if request.body_exists else b""
+    body = parse_object(raw, required=False)
+    name = model_field(body, default=_default(request))
+    note_request(request, name)
+    async with engine_call(request, name, f"/slots/{slot}", body=raw or b"{}",
+                           query={"action": action}) as call:
+        return await relay_body(call)
+
+
 async def health(request: web.Request) -> web.Response:
     """routerd's own health: it is up. (A model's engine health is in /api/ps.)"""
     return jresp({"status": "ok"})
@@ -112,6 +131,16 @@ def add_routes(app: web.Application) -> None:
                                   ("POST", "/tokenize", tokenize),
                                   ("POST", "/detokenize", detokenize)):
         add_route(app, method, path, handler, dialect="openai", inference=True)
+    for method, path, handler in (("POST", "/infill", infill),
+                                  ("POST", "/apply-template", apply_template),
+                                  ("POST", "/embedding", embedding),
+                                  ("POST", "/embeddings", embeddings_native)):
+        add_route(app, method, path, handler, dialect="openai", inference=True)
+    add_route(app, "GET", "/slots", slots, dialect="openai")
+    add_route(app, "GET", "/lora-adapters", lora_adapters, dialect="openai")
+    # what changes an engine's state for everyone: admin keys only (README: Security)
+    add_route(app, "POST", "/slots/{id}", slot_action, dialect="openai", admin=True)
+    add_route(app, "POST", "/lora-adapters", lora_adapters, dialect="openai", admin=True)
     add_route(app, "GET", "/props", props, dialect="openai")
     add_route(app, "GET", "/health", health, dialect="openai")
     # The engine's whole surface, state-changing routes (LoRA scales, slots) included.
