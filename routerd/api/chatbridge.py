@@ -32,7 +32,7 @@ from ..errors import BadRequest, RouterdError, UpstreamError
 from .common import engine_call, keep_alive_field
 from .streaming import loading_comment, open_call
 from .translate import tools
-from .translate.schema import bounded_format
+from .translate.schema import bound_body, string_bound
 from .translate.sse import DONE, SSEDecoder, encode_sse, error_event_openai
 
 _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -67,8 +67,8 @@ def _engine_body(request: web.Request, name: str, chat: dict[str, Any]
     if force:
         body["stream"] = False
         body.pop("stream_options", None)
-    if "response_format" in body:  # free strings bounded, so the JSON always closes
-        body["response_format"] = bounded_format(body["response_format"])
+    # free strings bounded, so the JSON always closes inside a slot (translate/schema.py)
+    bound_body(body, string_bound(entry.launch.ctx_size, entry.launch.parallel))
     body["model"] = entry.name
     return entry, body, force
 

@@ -24,6 +24,7 @@ from .translate import ollama as tx
 from .translate import ollama_response as rx
 from .translate.ollama_stream import ChatStream, GenerateStream
 from .translate.fields import get_bool
+from .translate.schema import bound_body, string_bound
 from .translate.sse import encode_ndjson
 
 CHAT_PATH = "/v1/chat/completions"
@@ -99,6 +100,8 @@ async def _infer(request: web.Request, body: dict[str, Any], *, chat: bool,
     else:
         path, payload = tx.generate_request(body, entry.defaults)
     payload["model"] = entry.name
+    # free strings bounded, so `format` JSON always closes inside a slot (translate/schema.py)
+    bound_body(payload, string_bound(entry.launch.ctx_size, entry.launch.parallel))
     if chat and get_bool(body, "truncate", False):  # asked for: drop the oldest history
         payload["messages"] = await _fit_history(request, name, entry, payload)
     data = json.dumps(payload).encode()

@@ -14,7 +14,7 @@ from .. import keys
 from ..bodies import parse_object, stream_flag
 from ..scheduler.accounting import read_info
 from . import capabilities, chatbridge, peer_views
-from .translate.schema import bounded_format
+from .translate.schema import bound_body, string_bound
 from .translate.sse import ModelRenamer
 from .security import model_visible
 from .common import add_route, engine_call, keep_alive_field, model_field, note_request, jresp
@@ -50,8 +50,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         stream_flag(body, default=False)
         return await chatbridge.openai_chat(request, name, body)
     fmt = body.get("response_format")
-    if bounded_format(fmt) is not fmt:  # free strings bounded, so the JSON always closes
-        body = {**body, "response_format": bounded_format(fmt)}
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        # free strings bounded, so the JSON always closes inside a slot (translate/schema.py)
+        launch = request.app[keys.CATALOG].resolve(name).launch
+        body = bound_body(dict(body), string_bound(launch.ctx_size, launch.parallel))
         raw = json.dumps(body, ensure_ascii=False).encode()
     return await _proxy(request, "/v1/chat/completions", raw, body)
 

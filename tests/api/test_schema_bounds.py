@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 
 from routerd.api.translate.options import response_format
-from routerd.api.translate.schema import MAX_STRING, bounded, bounded_format
+from routerd.api.translate.schema import (MAX_STRING, bound_body, bounded, bounded_format,
+                                          string_bound)
 from routerd.api.translate.tools import enforce, forced_choice
 
 JOKE = {"title": "Joke", "type": "object",
@@ -60,13 +61,19 @@ def test_odd_schemas_pass_as_they_are():
     assert bounded_format(None) is None
 
 
-def test_ollama_format_and_openai_response_format_are_bounded():
-    fmt = response_format(JOKE)
-    assert fmt["json_schema"]["schema"]["properties"]["setup"]["maxLength"] == MAX_STRING
+def test_the_bound_is_a_quarter_of_a_slot_and_both_engine_fields_get_it():
+    assert string_bound(2048, 2) == 256 and string_bound(32768, 1) == 8192
+    assert string_bound(128, 4) == 64  # never below MIN_STRING
+    body = {"response_format": response_format(JOKE), "json_schema": JOKE}
+    bound_body(body, 256)
+    assert body["response_format"]["json_schema"]["schema"]["properties"]["setup"][
+        "maxLength"] == 256
+    assert body["json_schema"]["properties"]["punchline"]["maxLength"] == 256
     openai = bounded_format({"type": "json_schema",
                              "json_schema": {"name": "joke", "strict": True, "schema": JOKE}})
     assert openai["json_schema"]["strict"] is True
     assert openai["json_schema"]["schema"]["properties"]["punchline"]["maxLength"] == MAX_STRING
+    assert bound_body({"messages": []}, 256) == {"messages": []}
 
 
 def test_a_forced_tool_calls_arguments_are_bounded_on_the_way_to_the_engine():

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from routerd.api.translate.fields import get_object, json_type, str_list
-from routerd.api.translate.schema import bounded
 from routerd.errors import BadRequest
 
 _INT = "an integer"
@@ -150,8 +149,8 @@ def response_format(fmt: Any) -> dict[str, Any] | None:
         return None
     if fmt == "json":
         return {"type": "json_object"}
-    if isinstance(fmt, dict):  # free strings bounded, so the object always closes (schema.py)
-        return {"type": "json_schema", "json_schema": {"name": "schema", "schema": bounded(fmt)}}
+    if isinstance(fmt, dict):  # the handler bounds its free strings (schema.bound_body)
+        return {"type": "json_schema", "json_schema": {"name": "schema", "schema": fmt}}
     raise BadRequest(f'"format" must be "json" or a JSON schema object, got {json_type(fmt)}')
 
 

@@ -3,13 +3,15 @@
 Constrained decoding makes an answer follow a schema token by token, but a free string has no
 end: a small model that starts repeating inside one (SmolLM2-135M does, in about 1 call in 5
 at Ollama's default sampling) writes until the length limit and the JSON never closes. So
-routerd bounds every free string it hands to an engine's grammar at `MAX_STRING` characters,
-where the schema sets no bound of its own; the grammar then forces the closing quote and the
-object still parses. A schema's own `maxLength` (or `enum`, `const`, `pattern`, `format`)
+routerd bounds every free string it hands to an engine's grammar, where the schema sets no
+bound of its own, at a quarter of the slot's context in characters (`string_bound`: a token is
+at least one character, so two looping fields still close inside the slot); the grammar then
+forces the closing quote and the object still parses. A schema's own `maxLength` (or `enum`, `const`, `pattern`, `format`)
 always wins: set `maxLength` to lift the bound.
 
-    bounded(schema)                 # a copy; the caller's schema is never changed
-    bounded_format(response_format) # an OpenAI `response_format`, bounded where it has a schema
+    bounded(schema, n)                 # a copy; the caller's schema is never changed
+    bounded_format(response_format, n) # an OpenAI `response_format`, bounded where it has one
+    bound_body(engine_body, n)         # both fields an engine reads, in place
 """
 
 from __future__ import annotations
@@ -17,9 +19,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["MAX_STRING", "bounded", "bounded_format"]
+__all__ = ["MAX_STRING", "bound_body", "bounded", "bounded_format", "string_bound"]
 
-MAX_STRING = 1000  # characters; a looping 135M model then closes a string in ~400 tokens
+MAX_STRING = 1000  # characters, where no slot size is known
+MIN_STRING = 64
+
+
+def string_bound(ctx_size: int, parallel: int) -> int:
+    """The bound for free strings on an engine whose slots hold ctx_size / parallel tokens."""
+    return max(MIN_STRING, ctx_size // max(parallel, 1) // 4)
+
+
+def bound_body(body: dict[str, Any], max_string: int) -> dict[str, Any]:
+    """An engine body's `response_format` (chat) and `json_schema` (llama.cpp native) bounded."""
+    if "response_format" in body:
+        body["response_format"] = bounded_format(body["response_format"], max_string)
+    if isinstance(body.get("json_schema"), Mapping):
+        body["json_schema"] = bounded(body["json_schema"], max_string)
+    return body
 
 # Keywords whose values are one subschema, a list of them, or a name -> subschema map.
 _ONE = ("items", "additionalProperties", "not", "contains", "if", "then", "else",
