@@ -36,8 +36,10 @@ def _auth(work: Path, key: str) -> dict[str, Any]:
 def _b_config(work: Path, model_path: Path, ls_url: str) -> dict[str, Any]:
     """B serves smollm2 itself and has the bare llama-server (same name) as a replica."""
     return {**OFF, **_auth(work, PEER_KEY), "keep_alive": "10m", "models": {
+        # one thread each: the "hosts" here share 2 cores, and two engines spinning 2
+        # threads each slowed 32 short streams from 5 s to 110 s
         "smollm2": {"model": str(model_path), "backend": "llama-server", "ctx_size": 1024,
-                    "parallel": 2}},
+                    "parallel": 2, "args": ["-t", "1", "-tb", "1"]}},
         "peers": [{"name": "ls", "url": ls_url, "kind": "llama-server", "interval": "1s"}]}
 
 
@@ -89,7 +91,8 @@ class Hosts:
         self.ls_log = open(work / "llama-server.log", "ab")
         self.ls = subprocess.Popen(
             [str(LLAMA_SERVER), "-m", str(model_path), "--host", "127.0.0.1",
-             "--port", str(self.ls_port), "--alias", "smollm2", "-c", "1024", "-np", "2"],
+             "--port", str(self.ls_port), "--alias", "smollm2", "-c", "1024", "-np", "2",
+             "-t", "1", "-tb", "1"],
             stdout=self.ls_log, stderr=subprocess.STDOUT, start_new_session=True)
         self.b = Daemon(_b_config(work / "b", model_path, ls_url), work / "b")
         peer = {"interval": "1s", "timeout": "2s", "backoff": "0.2s"}
