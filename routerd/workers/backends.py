@@ -87,15 +87,21 @@ class Argv:
 ENGINE_KEY_ENV = "ROUTERD_WORKER_API_KEY"
 
 
-def find_llama_server(setting: str = "auto") -> str | None:
-    """`engines.llama_server`: a path, or auto = PATH, then the one `make install` built."""
+def find_binary(program: str, setting: str = "auto") -> str | None:
+    """An engine binary: a path, or auto = `program` on PATH, then the one `make install`
+    built beside routerd (.venv/bin/<program>)."""
     if setting != "auto":
         return setting if os.access(setting, os.X_OK) else None
-    found = shutil.which("llama-server")
+    found = shutil.which(program)
     if found:
         return found
-    beside = Path(sys.executable).parent / "llama-server"
+    beside = Path(sys.executable).parent / program
     return str(beside) if os.access(beside, os.X_OK) else None
+
+
+def find_llama_server(setting: str = "auto") -> str | None:
+    """`engines.llama_server`: a path, or auto = PATH, then the one `make install` built."""
+    return find_binary("llama-server", setting)
 
 
 def is_llamafile(path: str) -> bool:

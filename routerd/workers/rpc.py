@@ -12,15 +12,12 @@ a probe gets no HELLO reply and times out (`RpcBusy`).
 from __future__ import annotations
 
 import ipaddress
-import os
-import shutil
 import socket
 import struct
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..errors import RouterdError
+from .backends import find_binary
 
 PROTOCOL_MAJOR = 7
 _CMD_GET_DEVICE_MEMORY, _CMD_HELLO, _CMD_DEVICE_COUNT = 11, 14, 15
@@ -76,13 +73,7 @@ def is_wildcard(host: str) -> bool:
 def find_rpc_server(setting: str = "auto") -> str | None:
     """A path, or auto = `rpc-server` on PATH, then the one `make install` built beside
     routerd (.venv/bin/rpc-server)."""
-    if setting != "auto":
-        return setting if os.access(setting, os.X_OK) else None
-    found = shutil.which("rpc-server")
-    if found:
-        return found
-    beside = Path(sys.executable).parent / "rpc-server"
-    return str(beside) if os.access(beside, os.X_OK) else None
+    return find_binary("rpc-server", setting)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
