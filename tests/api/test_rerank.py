@@ -66,26 +66,9 @@ def test_live_through_the_fake_worker(tmp_path: Path) -> None:
         assert d.stop() == 0
 
 
-def _reranker_gguf(tmp_path: Path) -> Path:
-    """A tiny GGUF whose metadata says rank pooling (llama.cpp's pooling_type 4)."""
-    import numpy as np
-    from gguf import GGUFWriter
-
-    path = tmp_path / "ranker.gguf"
-    w = GGUFWriter(path, "bert")
-    w.add_name("ranker")
-    w.add_uint32("bert.pooling_type", 4)
-    w.add_block_count(1)
-    w.add_tensor("blk.0.attn_q.weight", np.zeros((8, 32), np.float16))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 def test_a_gguf_with_rank_pooling_is_started_with_reranking(tmp_path: Path) -> None:
-    ranker = _reranker_gguf(tmp_path)
+    ranker = tmp_path / "ranker.gguf"  # rank pooling: llama.cpp's pooling_type 4
+    ranker.write_bytes(tiny_gguf_bytes(arch="bert", uint32s=(("bert.pooling_type", 4),)))
     plain = tmp_path / "plain.gguf"
     plain.write_bytes(tiny_gguf_bytes())
     assert is_reranker(header(ranker)) and not is_reranker(header(plain))

@@ -40,8 +40,10 @@ def link(src: Path, dst: Path) -> Path:
 
 @lru_cache(maxsize=None)
 def tiny_gguf_bytes(arch: str = "llama", file_type: int = 2, ctx: int = 2048,
-                    split: tuple[int, int] | None = None) -> bytes:
-    """A small valid GGUF: one Q4_0-typed weight (or F16 for a clip projector)."""
+                    split: tuple[int, int] | None = None,
+                    uint32s: tuple[tuple[str, int], ...] = ()) -> bytes:
+    """A small valid GGUF: one Q4_0-typed weight (or F16 for a clip projector); `uint32s`:
+    extra metadata keys (e.g. ("bert.pooling_type", 4))."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,6 +53,8 @@ def tiny_gguf_bytes(arch: str = "llama", file_type: int = 2, ctx: int = 2048,
         w.add_file_type(file_type)
         w.add_context_length(ctx)
         w.add_block_count(1)
+        for key, value in uint32s:
+            w.add_uint32(key, value)
         if split is not None:
             w.add_uint16("split.no", split[0] - 1)
             w.add_uint16("split.count", split[1])

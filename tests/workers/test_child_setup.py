@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -23,8 +22,8 @@ def test_a_child_starts_under_a_normal_parent() -> None:
 
 def test_a_child_starts_when_routerd_is_pid_1() -> None:
     # a container without an init: routerd is PID 1, so "parent is 1" does not mean orphaned
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.skip("needs root and unshare for a PID namespace")
+    if os.geteuid() != 0:  # unshare is util-linux, on every Debian machine
+        pytest.skip("needs root for a PID namespace")
     r = subprocess.run(["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-c",
                         "import os; assert os.getpid() == 1; " + SPAWN],
                        capture_output=True, text=True, timeout=60)

@@ -252,10 +252,11 @@ def test_supervise_restarts_a_child_that_exits_and_gives_up_when_bounded(tmp_pat
     assert rc == 3 and marks.read_text() == "xx"
 
 
-def test_supervise_stops_its_child_on_the_stop_event(tmp_path: Path) -> None:
+def _stopped_by_supervise(tmp_path: Path, code: str) -> None:
+    """Run `code` (which writes its pid to {pidfile}) under supervise, set the stop event once
+    it runs: supervise returns 0 and the child is gone (or a zombie already reaped by none)."""
     pidfile = tmp_path / "pid"
-    argv = [sys.executable, "-c",
-            f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)"]
+    argv = [sys.executable, "-c", code.format(pidfile=repr(str(pidfile)))]
 
     async def go() -> int:
         stop = asyncio.Event()
@@ -271,27 +272,16 @@ def test_supervise_stops_its_child_on_the_stop_event(tmp_path: Path) -> None:
     pid = int(pidfile.read_text())
     assert not Path(f"/proc/{pid}").exists() or \
         Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+
+def test_supervise_stops_its_child_on_the_stop_event(tmp_path: Path) -> None:
+    _stopped_by_supervise(tmp_path, "import os, time; open({pidfile}, 'w').write(str(os.getpid()));"
+                                    " time.sleep(60)")
 
 
 def test_supervise_kills_a_child_that_ignores_sigterm_after_the_wait(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rpcworker, "STOP_WAIT", 0.5)
-    pidfile = tmp_path / "pid"
-    argv = [sys.executable, "-c",
-            "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-            f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)"]
-
-    async def go() -> int:
-        stop = asyncio.Event()
-        task = asyncio.ensure_future(rpcworker.supervise(argv, stop))
-        for _ in range(200):
-            if pidfile.exists() and pidfile.read_text():
-                break
-            await asyncio.sleep(0.02)
-        stop.set()
-        return await asyncio.wait_for(task, 20)
-
-    assert asyncio.run(go()) == 0
-    pid = int(pidfile.read_text())
-    assert not Path(f"/proc/{pid}").exists() or \
-        Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    _stopped_by_supervise(tmp_path, "import os, signal, time; "
+                                    "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                                    "open({pidfile}, 'w').write(str(os.getpid())); time.sleep(60)")
