@@ -45,6 +45,7 @@ class Peer:
         self.up = False
         self.error: str | None = "not polled yet"
         self.models: dict[str, kinds.RemoteModel] = {}  # the last list read (kept while down)
+        self._exposed: dict[str, str] = {}  # exposed(), computed once per poll
         self.free = 0  # a routerd peer's unbooked memory, for "fits without evicting"
         self.budget: dict[str, Any] = {}
         self.latency: float | None = None  # seconds, the last poll's slowest request
@@ -70,10 +71,15 @@ class Peer:
     # ------------------------------------------------------------------ names
 
     def exposed(self) -> dict[str, str]:
-        """routerd's name (prefix + the peer's) → the peer's, for the models the filter keeps."""
+        """routerd's name (prefix + the peer's) → the peer's, for the models the filter keeps
+        (read on every request: computed when a poll sets `models`, not here)."""
+        return self._exposed
+
+    def _set_models(self, models: dict[str, kinds.RemoteModel]) -> None:
         keep = self.config.models
-        return {self.config.prefix + n: n for n in self.models
-                if any(fnmatch.fnmatchcase(n, g) for g in keep)}
+        self.models = models
+        self._exposed = {self.config.prefix + n: n for n in models
+                         if any(fnmatch.fnmatchcase(n, g) for g in keep)}
 
     def forward_url(self, path: str) -> str:
         return kinds.forward_url(self.kind or "openai", self.api_root, path)
@@ -159,7 +165,7 @@ class Peer:
         for path in kinds.list_paths(kind):
             optional = path in ("/props", "/api/ps")
             answers[path] = await (self._try if optional else self._get)(self.api_root + path)
-        self.models = {m.name: m for m in kinds.read_models(kind, answers)}
+        self._set_models({m.name: m for m in kinds.read_models(kind, answers)})
         if kind == "routerd":
             self.free = kinds.budget_free(answers.get("/api/ps"))
             self.budget = dict(((answers.get("/api/ps") or {}).get("routerd") or {})
